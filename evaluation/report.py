@@ -1,0 +1,107 @@
+"""The run's summary, markdown report and plot, from the per-model evaluation results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MODEL_ORDER = ("teacher", "pruned", "sft", "student")
+LABELS = {"teacher": "teacher", "pruned": "pruned (no training)", "sft": "SFT baseline", "student": "KD student"}
+
+
+def build_summary(metric: str, models: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]]) -> dict:
+    """``{"metric", "models": {name: {"params", "score", ...}}, "stages": {name: {"cached", "seconds"}}}``."""
+    ordered = {m: models[m] for m in MODEL_ORDER if m in models}
+    return {"metric": metric, "models": ordered, "stages": stages}
+
+
+def results_rows(summary: dict) -> list[dict[str, Any]]:
+    """One row per model: score, parameters and both relative to the teacher."""
+    teacher = summary["models"].get("teacher", {})
+    rows = []
+    for name, m in summary["models"].items():
+        rel_score = m["score"] / teacher["score"] if teacher.get("score") else None
+        rel_params = m["params"] / teacher["params"] if teacher.get("params") else None
+        rows.append(
+            {
+                "model": name,
+                summary["metric"]: round(m["score"], 4),
+                "stderr": None if m.get("stderr") is None else round(m["stderr"], 4),
+                "params": m["params"],
+                "score_vs_teacher": None if rel_score is None else round(rel_score, 3),
+                "params_vs_teacher": None if rel_params is None else round(rel_params, 3),
+            }
+        )
+    return rows
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table for the terminal."""
+    rows = results_rows(summary)
+    metric = summary["metric"]
+    head = f"{'model':<22}{metric:>13}{'params':>12}{'score/teacher':>15}{'params/teacher':>16}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{LABELS.get(r['model'], r['model']):<22}{r[metric]:>13.4f}{r['params']:>12,}"
+            f"{_fmt(r['score_vs_teacher']):>15}{_fmt(r['params_vs_teacher']):>16}"
+        )
+    return "\n".join(lines)
+
+
+def format_stages(summary: dict) -> str:
+    """One line per stage: cached or ran, and how long it took."""
+    return "\n".join(
+        f"  {name:<16}{'cache hit' if s['cached'] else 'ran':<10}{s['seconds']:>8.1f}s"
+        for name, s in summary["stages"].items()
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def markdown_report(summary: dict, run_dir: Path, extra: dict[str, Any] | None = None) -> str:
+    """The run report as markdown (also published as a Prefect artifact)."""
+    metric = summary["metric"]
+    rows = results_rows(summary)
+    out = [f"# distillflow run `{Path(run_dir).name}`", "", f"Held-out metric: **{metric}** (lm-eval).", ""]
+    out.append(f"| model | {metric} | ± stderr | params | score / teacher | params / teacher |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        out.append(
+            f"| {LABELS.get(r['model'], r['model'])} | {r[metric]:.4f} | {_fmt(r['stderr'])} | {r['params']:,} "
+            f"| {_fmt(r['score_vs_teacher'])} | {_fmt(r['params_vs_teacher'])} |"
+        )
+    out += ["", "## Stages", "", "| stage | cached | seconds |", "|---|---|---:|"]
+    for name, s in summary["stages"].items():
+        out.append(f"| {name} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} |")
+    for title, body in (extra or {}).items():
+        out += ["", f"## {title}", "", body]
+    out += ["", "![scores](plots/scores.png)", ""]
+    return "\n".join(out)
+
+
+def plot_scores(summary: dict, path: Path) -> Path:
+    """Bar chart of score per model, annotated with parameter counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["models"])
+    scores = [summary["models"][n]["score"] for n in names]
+    params = [summary["models"][n]["params"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar([LABELS.get(n, n) for n in names], scores, color=["#444", "#c66", "#69c", "#3a6"][: len(names)])
+    for bar, p in zip(bars, params, strict=True):
+        ax.annotate(f"{p / 1e6:.2f}M", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    ax.set_ylabel(summary["metric"])
+    ax.set_ylim(0, 1.1)
+    ax.set_title("held-out score (label: parameters)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

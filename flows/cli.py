@@ -1,0 +1,137 @@
+"""The ``distillflow`` command line (Typer). Nothing imports this module.
+
+Configs are validated before anything heavy is imported, so a bad config fails in well under a
+second with one line naming the file and the field, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from compress.config import BootstrapConfig, ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(help="distillflow: prune, distill and benchmark LLMs as a Prefect flow.", no_args_is_help=True)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
+DEMO_CONFIG = Path("configs/tiny.yaml")
+BOOTSTRAP_CONFIG = Path("configs/bootstrap.yaml")
+
+
+def _env_defaults() -> None:
+    """Offline, quiet defaults for the libraries we drive (a user's own settings win)."""
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path, overrides: list[str] | None, model_cls=PipelineConfig):
+    try:
+        return load_config(path, overrides or [], model_cls)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _run_pipeline(cfg: PipelineConfig) -> dict:
+    _env_defaults()
+    from evaluation.report import format_stages, format_table
+    from flows.compress import compress_pipeline
+
+    t0 = time.time()
+    result = compress_pipeline(cfg)
+    summary = result.summary
+    typer.echo("\n" + format_table(summary))
+    typer.echo("\nstages:\n" + format_stages(summary))
+    hits = sum(s["cached"] for s in summary["stages"].values())
+    total = len(summary["stages"])
+    note = "every stage a cache hit" if hits == total else f"{hits}/{total} stages were cache hits"
+    typer.echo(f"\n{note}; finished in {time.time() - t0:.1f}s; run directory: {result.run_dir}")
+    return summary
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], set_: SetOpt = None) -> None:
+    """Run the whole pipeline (prune, generate, distill, evaluate) on CONFIG."""
+    cfg = _load(config, set_)
+    _guard(lambda: _run_pipeline(cfg))
+
+
+@app.command()
+def demo(set_: SetOpt = None) -> None:
+    """The embedded default: bootstrap the tiny teacher if needed, then run configs/tiny.yaml."""
+    boot = _load(BOOTSTRAP_CONFIG, None, BootstrapConfig)
+    if not (Path(boot.out_dir) / "config.json").is_file():
+        typer.echo(f"no teacher at {boot.out_dir}: training it first (distillflow bootstrap)")
+        _guard(lambda: _bootstrap(boot))
+    cfg = _load(DEMO_CONFIG, set_)
+    _guard(lambda: _run_pipeline(cfg))
+
+
+@app.command()
+def bootstrap(
+    config: Annotated[Path, typer.Option(help="Bootstrap YAML config.")] = BOOTSTRAP_CONFIG, set_: SetOpt = None
+) -> None:
+    """Train the tiny task-world teacher (cached: an identical teacher is not retrained)."""
+    cfg = _load(config, set_, BootstrapConfig)
+    _guard(lambda: _bootstrap(cfg))
+
+
+def _bootstrap(cfg: BootstrapConfig) -> None:
+    _env_defaults()
+    from flows.bootstrap import bootstrap_teacher_flow
+
+    m = bootstrap_teacher_flow(cfg)
+    typer.echo(
+        f"teacher {cfg.out_dir}: {m['params']:,} params, held-out exact match {m['heldout_exact_match']:.3f}"
+        f"{' (cache hit)' if m.get('cached') else ''}"
+    )
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/demo.")]) -> None:
+    """Print the results table of a finished run."""
+    from compress.lineage import read_json
+    from evaluation.report import format_stages, format_table
+
+    summary = read_json(run_dir / "summary.json")
+    if summary is None:
+        _fail(f"{run_dir}/summary.json: not found (has the run finished?)")
+    typer.echo(format_table(summary) + "\n\nstages:\n" + format_stages(summary))
+
+
+def _guard(fn) -> None:
+    """Run ``fn``; report a failure as one line (set DISTILLFLOW_DEBUG=1 for the traceback)."""
+    try:
+        fn()
+    except ConfigError as e:
+        _fail(str(e))
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception as e:
+        if os.environ.get("DISTILLFLOW_DEBUG"):
+            raise
+        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", code=1)
+
+
+def main() -> None:
+    app(prog_name="distillflow")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

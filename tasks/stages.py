@@ -1,0 +1,142 @@
+"""Thin Prefect tasks around the library's stage functions: retries, cache keys, progress artifacts.
+
+Every task takes an explicit ``cache_key`` computed by the flow from content (stage config + input
+sha256 + code hash), so an unchanged re-run is a cache hit in any process, and a changed stage
+re-runs itself and what follows. Tasks return small dicts of paths and metrics, never models.
+Retries are for transient faults only (a server that died, a reset connection); bad input fails
+at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging import get_run_logger
+
+from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PruneConfig, TaskWorldConfig
+from compress.data.generate import GenerationError, generate_with_logprobs
+from compress.data.taskworld import END, make_splits
+from compress.distill.recipe import distill_student
+from compress.prune.depth import prune_depth
+from compress.serving.vllm_server import ServerError, VLLMServer
+from evaluation.harness import evaluate_checkpoint
+
+TRANSIENT = (ServerError, GenerationError, ConnectionError, TimeoutError)
+
+
+def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
+    return parameters["cache_key"]
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry only faults that a second attempt can fix."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _progress(key: str, description: str):
+    """A progress callback that updates a Prefect progress artifact (0-100) and logs each step."""
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+    last = {"pct": -1.0}
+
+    def report(fraction: float, message: str) -> None:
+        pct = round(100.0 * min(max(fraction, 0.0), 1.0), 1)
+        if pct - last["pct"] >= 5 or pct == 100.0:
+            update_progress_artifact(artifact_id=artifact_id, progress=pct)
+            last["pct"] = pct
+        logger.info("%s: %s", description, message)
+
+    return report
+
+
+STAGE_TASK = dict(
+    cache_key_fn=_key_from_parameters,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_transient,
+    persist_result=True,
+)
+
+
+@task(name="prune", **STAGE_TASK)
+def prune_task(teacher_dir: str, world: TaskWorldConfig, cfg: PruneConfig, out_dir: str, cache_key: str) -> dict:
+    """Depth-prune the teacher by block influence on training prompts (calibration data)."""
+    train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    texts = [r["prompt"] + r["answer"] + END for r in train[: cfg.calibration_samples]]
+    record = prune_depth(Path(teacher_dir), texts, cfg, Path(out_dir))
+    get_run_logger().info("kept layers %s of %d", record["kept_layers"], len(record["scores"]))
+    return {"path": out_dir, **record}
+
+
+@task(name="generate", **STAGE_TASK)
+def generate_task(
+    teacher_dir: str, world: TaskWorldConfig, cfg: GenerateConfig, run_dir: str, cache_key: str
+) -> dict:
+    """Serve the teacher with vLLM, complete every training prompt, keep top-k log-probs."""
+    train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    out = Path(run_dir)
+    logger = get_run_logger()
+    server = VLLMServer(
+        Path(teacher_dir),
+        python=cfg.vllm_python,
+        log_path=out / "logs" / "vllm-server.log",
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        max_logprobs=cfg.top_k,
+        kv_cache_gib=cfg.kv_cache_gib,
+        startup_timeout_s=cfg.startup_timeout_s,
+    )
+    with server:
+        logger.info("vLLM server ready at %s", server.base_url)
+        stats = generate_with_logprobs(
+            server.base_url,
+            server.served_name,
+            train,
+            cfg,
+            out / "data",
+            out / "logits",
+            progress=_progress("generate", "generate"),
+        )
+    logger.info("generated %d rows, %d tokens at %.0f tokens/s", stats["rows"], stats["tokens"], stats["tokens_per_s"])
+    return {"data": str(out / "data"), "logits": str(out / "logits"), **stats}
+
+
+@task(name="distill", **STAGE_TASK)
+def distill_task(
+    student_dir: str,
+    data_dir: str,
+    logits_dir: str,
+    cfg: DistillConfig,
+    out_dir: str,
+    use_teacher_logits: bool,
+    cache_key: str,
+) -> dict:
+    """Train the pruned student: KD on teacher top-k + CE, or CE only (SFT baseline)."""
+    label = "kd" if use_teacher_logits else "sft"
+    metrics = distill_student(
+        Path(student_dir),
+        Path(data_dir),
+        Path(logits_dir),
+        cfg,
+        Path(out_dir),
+        use_teacher_logits=use_teacher_logits,
+        progress=_progress(f"distill-{label}", f"distill ({label})"),
+    )
+    return {"path": out_dir, **metrics}
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate_task(model_dir: str, tasks_dir: str, cfg: EvaluateConfig, label: str, cache_key: str) -> dict:
+    """lm-eval exact match of one checkpoint on the held-out task world."""
+    result = evaluate_checkpoint(Path(model_dir), Path(tasks_dir), cfg)
+    get_run_logger().info("%s: exact_match %.4f on %s examples", label, result["score"], result["n"])
+    return {"path": model_dir, "label": label, **result}

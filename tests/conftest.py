@@ -1,0 +1,51 @@
+"""Shared fixtures: offline settings, an isolated Prefect home, tiny models built here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory) -> Path:
+    """A private PREFECT_HOME so tests never touch a user's Prefect database or cache."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 4-layer Llama with the task-world tokenizer, saved as a checkpoint."""
+    from compress.config import ArchConfig
+    from compress.data.tokenizer import build_tokenizer
+    from compress.models import build_llama, save_checkpoint
+
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tok = build_tokenizer()
+    arch = ArchConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=128)
+    save_checkpoint(build_llama(arch, tok, seed=0), tok, out)
+    return out
+
+
+def require_vllm() -> None:
+    if not VLLM_PYTHON.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{VLLM_PYTHON} missing: CI must create the vLLM venv (make .venv-vllm/.installed)")
+        pytest.skip("no .venv-vllm (run `make venvs`)")
+
+

@@ -1,0 +1,69 @@
+"""The whole Prefect flow on a tiny config: real vLLM server, real training, real lm-eval."""
+
+import json
+import shutil
+
+import pytest
+
+from compress.config import PipelineConfig
+from tests.conftest import VLLM_PYTHON, require_vllm
+
+pytestmark = pytest.mark.slow
+MODELS = ("teacher", "pruned", "sft", "student")
+
+
+def _config(tmp_path, teacher_dir) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "name": "e2e",
+        "runs_dir": str(tmp_path / "runs"),
+        "teacher": {"path": str(teacher_dir)},
+        "taskworld": {"tasks": ["rev", "max"], "n_train": 48, "n_heldout": 12, "seed": 0},
+        "prune": {"target_layers": 2, "calibration_samples": 16},
+        "generate": {"vllm_python": str(VLLM_PYTHON), "top_k": 4, "max_tokens": 6, "dtype": "float32"},
+        "distill": {"train": {"max_steps": 4, "batch_size": 16}},
+        "evaluate": {"batch_size": 16, "max_gen_toks": 6},
+    })
+
+
+def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home):
+    require_vllm()
+    from flows.compress import compress_pipeline
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    result = compress_pipeline(cfg)
+    run = tmp_path / "runs" / "e2e"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary == result.summary
+    assert summary["metric"] == "exact_match"
+    assert tuple(summary["models"]) == MODELS
+    for m in summary["models"].values():
+        assert m["params"] > 0 and 0.0 <= m["score"] <= 1.0
+    assert summary["models"]["pruned"]["params"] < summary["models"]["teacher"]["params"]
+    assert summary["models"]["student"]["params"] == summary["models"]["pruned"]["params"]
+    assert all(s["cached"] is False for s in summary["stages"].values())
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    for stage in ("prune", "generate", "distill_student", "distill_sft", "evaluate_teacher"):
+        rec = manifest["stages"][stage]
+        assert rec["config_hash"] and rec["inputs"] and rec["packages"]["torch"]
+    assert len(manifest["stages"]["generate"]["outputs"]["logits"]) == 64
+    for path in ("pruned/config.json", "student/config.json", "sft/config.json", "data/train.jsonl",
+                 "logits/ids.npy", "eval/results.json", "report.md", "plots/scores.png", "importance.json"):
+        assert (run / path).exists(), path
+
+    # Unchanged re-run: every stage is a cache hit, results identical.
+    again = compress_pipeline(cfg).summary
+    assert all(s["cached"] for s in again["stages"].values()), again["stages"]
+    assert {k: v["score"] for k, v in again["models"].items()} == {k: v["score"] for k, v in summary["models"].items()}
+
+    # A change to distill re-runs distill and what follows, not prune or generate.
+    changed = cfg.model_copy(deep=True)
+    changed.distill.train.max_steps = 5
+    stages = compress_pipeline(changed).summary["stages"]
+    assert stages["prune"]["cached"] and stages["generate"]["cached"] and stages["evaluate_teacher"]["cached"]
+    assert not stages["distill_student"]["cached"] and not stages["evaluate_student"]["cached"]
+
+    # Deleted outputs are rebuilt, not served from a stale cache.
+    shutil.rmtree(run / "pruned")
+    stages = compress_pipeline(changed).summary["stages"]
+    assert not stages["prune"]["cached"] and (run / "pruned" / "config.json").exists()

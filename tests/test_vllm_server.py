@@ -1,0 +1,105 @@
+"""A real vLLM server from .venv-vllm on loopback: start, generate with top-k log-probs, stop cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from compress.config import GenerateConfig
+from compress.data.generate import generate_with_logprobs
+from compress.data.taskworld import read_jsonl
+from compress.models import load_model, load_tokenizer
+from compress.serving.vllm_server import ServerError, VLLMServer
+from tests.conftest import VLLM_PYTHON, require_vllm
+
+pytestmark = pytest.mark.slow
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
+    require_vllm()
+    rows = [{"id": str(i), "task": "rev", "prompt": p, "answer": "x"} for i, p in enumerate(["rev abc=", "add 1+2=", "max 391="])]
+    cfg = GenerateConfig(top_k=5, max_tokens=6, dtype="float32", prompts_per_request=2, concurrency=2)
+    server = VLLMServer(tiny_model_dir, python=VLLM_PYTHON, log_path=tmp_path / "vllm.log", dtype="float32",
+                        max_model_len=128, max_logprobs=5)
+    with server:
+        assert server.healthy()
+        pgid = os.getpgid(server.proc.pid)
+        stats = generate_with_logprobs(server.base_url, "teacher", rows, cfg, tmp_path / "data", tmp_path / "logits")
+    assert _group_gone(pgid), "vLLM process group still alive after stop()"
+    assert not server.healthy()
+
+    out = read_jsonl(tmp_path / "data" / "train.jsonl")
+    ids = np.load(tmp_path / "logits" / "ids.npy")
+    lps = np.load(tmp_path / "logits" / "logprobs.npy")
+    assert stats["rows"] == 3 and ids.shape == lps.shape == (stats["tokens"], 5)
+
+    # The served teacher's top-k must be the HF model's own distribution at the same positions.
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    for row in out:
+        assert 1 <= row["n_tokens"] <= 6
+        prompt_ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        seq = torch.tensor([prompt_ids + row["token_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq).logits[0].float(), -1)
+        for j in range(row["n_tokens"]):
+            pos = len(prompt_ids) + j - 1  # logits at pos predict token pos + 1
+            want_vals, want_ids = logp[pos].topk(5)
+            got_ids = ids[row["offset"] + j]
+            got_vals = lps[row["offset"] + j]
+            assert got_ids[0] == row["token_ids"][j]  # greedy: the chosen token is the top-1
+            np.testing.assert_allclose(got_vals, want_vals.numpy(), atol=2e-3)
+            assert set(got_ids.tolist()) == set(want_ids.tolist()) or np.ptp(want_vals.numpy()) < 1e-3
+        assert tok.decode(row["token_ids"]) == row["completion"]
+
+
+def test_sigterm_to_parent_stops_server(tiny_model_dir, tmp_path):
+    """A pipeline process killed by SIGTERM (Prefect cancellation) must not orphan the server."""
+    require_vllm()
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        from compress.serving.vllm_server import VLLMServer
+        s = VLLMServer(Path({str(tiny_model_dir)!r}), python=Path({str(VLLM_PYTHON)!r}),
+                       log_path=Path({str(tmp_path / 'v.log')!r}), dtype="float32", max_model_len=128)
+        s.start()
+        print(os.getpgid(s.proc.pid), flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pgid = int(parent.stdout.readline())
+        assert not _group_gone(pgid)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=60)
+        assert parent.returncode != 0
+        assert _group_gone(pgid), "server survived its parent's SIGTERM"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_start_failure_is_reported_with_log(tmp_path):
+    require_vllm()
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    with pytest.raises(ServerError, match="exited with code"):
+        VLLMServer(bad, python=VLLM_PYTHON, log_path=tmp_path / "v.log", startup_timeout_s=300).start()
+
+
+def test_missing_python_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="generate.vllm_python"):
+        VLLMServer(tiny_model_dir, python=tmp_path / "nope" / "python", log_path=tmp_path / "v.log").start()
