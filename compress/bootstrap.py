@@ -32,7 +32,11 @@ def greedy_exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int =
         chunk = rows[i : i + batch_size]
         enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=newline, pad_token_id=tokenizer.pad_token_id
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=newline,
+            pad_token_id=tokenizer.pad_token_id,
         )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         hits += sum(t.split(END)[0] == r["answer"] for t, r in zip(texts, chunk, strict=True))
@@ -47,7 +51,9 @@ def bootstrap_teacher(cfg: BootstrapConfig, progress: Progress | None = None) ->
     """
     t0 = time.time()
     out_dir = Path(cfg.out_dir)
-    train_rows, heldout = make_splits(cfg.taskworld.tasks, cfg.taskworld.n_train, cfg.taskworld.n_heldout, cfg.taskworld.seed)
+    train_rows, heldout = make_splits(
+        cfg.taskworld.tasks, cfg.taskworld.n_train, cfg.taskworld.n_heldout, cfg.taskworld.seed
+    )
     tokenizer = build_tokenizer()
     model = build_llama(cfg.arch, tokenizer, seed=cfg.train.seed)
     examples = [

@@ -78,6 +78,6 @@ def checkpoint_params(model_dir: Path) -> int:
     total = 0
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 total += math.prod(st.get_slice(name).get_shape())
     return total

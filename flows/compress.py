@@ -24,14 +24,20 @@ from pydantic import BaseModel
 
 from compress.config import PipelineConfig, coerce_config, config_hash
 from compress.data.taskworld import make_splits
-from compress.models import checkpoint_params
 from compress.lineage import code_version, package_versions, record_stage, sha256_path, write_json
+from compress.models import checkpoint_params
 from evaluation.harness import METRIC, write_task
 from evaluation.report import build_summary, markdown_report, plot_scores, results_rows
 from tasks.stages import distill_task, evaluate_task, generate_task, prune_task
 
 # Fields that change how generation runs, not what it produces: kept out of the cache key.
-GENERATE_RUNTIME_FIELDS = {"vllm_python", "concurrency", "prompts_per_request", "startup_timeout_s", "request_timeout_s"}
+GENERATE_RUNTIME_FIELDS = {
+    "vllm_python",
+    "concurrency",
+    "prompts_per_request",
+    "startup_timeout_s",
+    "request_timeout_s",
+}
 _SOURCE_ROOTS = ("compress", "evaluation", "tasks")
 
 
@@ -82,29 +88,46 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     teacher_sha = sha256_path(teacher_dir)
     stages: dict[str, dict[str, Any]] = {}
 
-    def record(stage: str, key: str, conf: BaseModel | None, inputs: dict[str, str], outputs: dict[str, Path],
-               result: dict, cached: bool, seconds: float) -> None:
+    def record(
+        stage: str,
+        key: str,
+        conf: BaseModel | None,
+        inputs: dict[str, str],
+        outputs: dict[str, Path],
+        result: dict,
+        cached: bool,
+        seconds: float,
+    ) -> None:
         stages[stage] = {"cached": cached, "seconds": seconds}
-        record_stage(run_dir, stage, {
-            "status": "cached" if cached else "completed",
-            "cache_key": key,
-            "config_hash": config_hash(conf) if conf is not None else None,
-            "inputs": inputs,
-            "outputs": {name: sha256_path(p) for name, p in outputs.items()},
-            "code_hash": code,
-            "code_version": code_version(),
-            "packages": versions,
-            "seconds": seconds,
-            "result": {k: v for k, v in result.items() if not isinstance(v, list | dict)},
-        })
+        record_stage(
+            run_dir,
+            stage,
+            {
+                "status": "cached" if cached else "completed",
+                "cache_key": key,
+                "config_hash": config_hash(conf) if conf is not None else None,
+                "inputs": inputs,
+                "outputs": {name: sha256_path(p) for name, p in outputs.items()},
+                "code_hash": code,
+                "code_version": code_version(),
+                "packages": versions,
+                "seconds": seconds,
+                "result": {k: v for k, v in result.items() if not isinstance(v, list | dict)},
+            },
+        )
         logger.info("stage %s: %s in %.1fs", stage, "cache hit" if cached else "ran", seconds)
 
     # 1. prune
     pruned_dir = run_dir / "pruned"
     key = stage_key("prune", cfg.prune, cfg.taskworld, teacher_sha, code)
     res, cached, secs = _run_stage(
-        prune_task, [pruned_dir], teacher_dir=str(teacher_dir), world=cfg.taskworld, cfg=cfg.prune,
-        out_dir=str(pruned_dir), cache_key=key,
+        prune_task,
+        [pruned_dir],
+        teacher_dir=str(teacher_dir),
+        world=cfg.taskworld,
+        cfg=cfg.prune,
+        out_dir=str(pruned_dir),
+        cache_key=key,
     )
     record("prune", key, cfg.prune, {"teacher": teacher_sha}, {"pruned": pruned_dir}, res, cached, secs)
     pruned_sha = sha256_path(pruned_dir)
@@ -112,14 +135,28 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     # 2. generate
     data_dir, logits_dir = run_dir / "data", run_dir / "logits"
     gen_cfg = cfg.generate.model_dump(mode="json", exclude=GENERATE_RUNTIME_FIELDS)
-    key = stage_key("generate", hashlib.sha256(repr(sorted(gen_cfg.items())).encode()).hexdigest(),
-                    cfg.taskworld, teacher_sha, code)
-    res, cached, secs = _run_stage(
-        generate_task, [data_dir / "train.jsonl", logits_dir / "ids.npy"], teacher_dir=str(teacher_dir),
-        world=cfg.taskworld, cfg=cfg.generate, run_dir=str(run_dir), cache_key=key,
+    key = stage_key(
+        "generate", hashlib.sha256(repr(sorted(gen_cfg.items())).encode()).hexdigest(), cfg.taskworld, teacher_sha, code
     )
-    record("generate", key, cfg.generate, {"teacher": teacher_sha}, {"data": data_dir, "logits": logits_dir},
-           res, cached, secs)
+    res, cached, secs = _run_stage(
+        generate_task,
+        [data_dir / "train.jsonl", logits_dir / "ids.npy"],
+        teacher_dir=str(teacher_dir),
+        world=cfg.taskworld,
+        cfg=cfg.generate,
+        run_dir=str(run_dir),
+        cache_key=key,
+    )
+    record(
+        "generate",
+        key,
+        cfg.generate,
+        {"teacher": teacher_sha},
+        {"data": data_dir, "logits": logits_dir},
+        res,
+        cached,
+        secs,
+    )
     data_sha = sha256_path(data_dir) + sha256_path(logits_dir)
 
     # 3. distill: KD student, and the SFT baseline on the same data
@@ -129,12 +166,26 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
         out = run_dir / name
         key = stage_key(f"distill-{name}", cfg.distill, use_logits, pruned_sha, data_sha, code)
         res, cached, secs = _run_stage(
-            distill_task, [out / "config.json"], student_dir=str(pruned_dir), data_dir=str(data_dir),
-            logits_dir=str(logits_dir), cfg=cfg.distill, out_dir=str(out), use_teacher_logits=use_logits,
+            distill_task,
+            [out / "config.json"],
+            student_dir=str(pruned_dir),
+            data_dir=str(data_dir),
+            logits_dir=str(logits_dir),
+            cfg=cfg.distill,
+            out_dir=str(out),
+            use_teacher_logits=use_logits,
             cache_key=key,
         )
-        record(f"distill_{name}", key, cfg.distill, {"pruned": pruned_sha, "data": data_sha}, {name: out},
-               res, cached, secs)
+        record(
+            f"distill_{name}",
+            key,
+            cfg.distill,
+            {"pruned": pruned_sha, "data": data_sha},
+            {name: out},
+            res,
+            cached,
+            secs,
+        )
         model_dirs[name] = out
 
     # 4. evaluate every model on the held-out split
@@ -146,12 +197,22 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
         msha = sha256_path(mdir)
         key = stage_key(f"evaluate-{name}", cfg.evaluate, heldout_sha, msha, code)
         res, cached, secs = _run_stage(
-            evaluate_task, [], model_dir=str(mdir), tasks_dir=str(tasks_dir), cfg=cfg.evaluate, label=name,
+            evaluate_task,
+            [],
+            model_dir=str(mdir),
+            tasks_dir=str(tasks_dir),
+            cfg=cfg.evaluate,
+            label=name,
             cache_key=key,
         )
         record(f"evaluate_{name}", key, cfg.evaluate, {"model": msha, "heldout": heldout_sha}, {}, res, cached, secs)
-        models[name] = {"params": checkpoint_params(mdir), "score": res["score"], "stderr": res["stderr"], "n": res["n"],
-                        "path": str(mdir)}
+        models[name] = {
+            "params": checkpoint_params(mdir),
+            "score": res["score"],
+            "stderr": res["stderr"],
+            "n": res["n"],
+            "path": str(mdir),
+        }
     write_json(run_dir / "eval" / "results.json", models)
 
     summary = build_summary(METRIC, models, stages)
@@ -162,4 +223,3 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     create_markdown_artifact(markdown=report, key="compress-report", description=f"run {cfg.name}")
     create_table_artifact(table=results_rows(summary), key="compress-results", description=f"run {cfg.name}")
     return PipelineResult(run_dir=str(run_dir), summary=summary)
-

@@ -78,9 +78,7 @@ def prune_task(teacher_dir: str, world: TaskWorldConfig, cfg: PruneConfig, out_d
 
 
 @task(name="generate", **STAGE_TASK)
-def generate_task(
-    teacher_dir: str, world: TaskWorldConfig, cfg: GenerateConfig, run_dir: str, cache_key: str
-) -> dict:
+def generate_task(teacher_dir: str, world: TaskWorldConfig, cfg: GenerateConfig, run_dir: str, cache_key: str) -> dict:
     """Serve the teacher with vLLM, complete every training prompt, keep top-k log-probs."""
     train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
     out = Path(run_dir)

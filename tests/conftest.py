@@ -36,8 +36,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("models") / "tiny-llama"
     tok = build_tokenizer()
-    arch = ArchConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=128)
+    arch = ArchConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128
+    )
     save_checkpoint(build_llama(arch, tok, seed=0), tok, out)
     return out
 
@@ -47,5 +48,3 @@ def require_vllm() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{VLLM_PYTHON} missing: CI must create the vLLM venv (make .venv-vllm/.installed)")
         pytest.skip("no .venv-vllm (run `make venvs`)")
-
-

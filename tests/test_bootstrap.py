@@ -11,14 +11,21 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp_path, steps=150, min_em=0.0):
-    return BootstrapConfig.model_validate({
-        "out_dir": str(tmp_path / "teacher"),
-        "taskworld": {"tasks": ["max"], "n_train": 800, "n_heldout": 50, "seed": 1},
-        "arch": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                 "intermediate_size": 128},
-        "train": {"max_steps": steps, "batch_size": 32, "learning_rate": 0.003},
-        "min_heldout_exact_match": min_em,
-    })
+    return BootstrapConfig.model_validate(
+        {
+            "out_dir": str(tmp_path / "teacher"),
+            "taskworld": {"tasks": ["max"], "n_train": 800, "n_heldout": 50, "seed": 1},
+            "arch": {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "intermediate_size": 128,
+            },
+            "train": {"max_steps": steps, "batch_size": 32, "learning_rate": 0.003},
+            "min_heldout_exact_match": min_em,
+        }
+    )
 
 
 def test_short_bootstrap_learns_and_is_cached(tmp_path, prefect_home):

@@ -52,7 +52,7 @@ def test_missing_teacher_path(tmp_path):
 
 
 def test_override_syntax_error():
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         apply_overrides({}, ["novalue"])
 
 
@@ -68,12 +68,12 @@ def test_config_hash_changes_with_content(tiny_model_dir):
     ("body", "overrides", "expect"),
     [
         ("teacher: {path: /missing}\n", [], "teacher.path"),
-        ("teacher: {path: /missing}\nprune: {depth: 2}\n", [], "prune.depth: unknown key"),
-        ("teacher: {path: /missing}\n", ["prune.target_layers=abc"], "prune.target_layers"),
+        ("teacher: {path: TEACHER}\nprune: {depth: 2}\n", [], "prune.depth: unknown key"),
+        ("teacher: {path: TEACHER}\n", ["prune.target_layers=abc"], "prune.target_layers"),
     ],
 )
-def test_cli_bad_config_is_one_line_without_traceback(tmp_path, body, overrides, expect):
-    p = _write(tmp_path, body)
+def test_cli_bad_config_is_one_line_without_traceback(tmp_path, tiny_model_dir, body, overrides, expect):
+    p = _write(tmp_path, body.replace("TEACHER", str(tiny_model_dir)))
     args = [sys.executable, "-m", "flows.cli", "run", str(p)]
     for o in overrides:
         args += ["--set", o]
@@ -88,6 +88,9 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path, body, overrides,
 def test_cli_missing_config_file(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", str(tmp_path / "nope.yaml")],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert proc.returncode == 2 and "config file not found" in proc.stderr

@@ -13,16 +13,18 @@ MODELS = ("teacher", "pruned", "sft", "student")
 
 
 def _config(tmp_path, teacher_dir) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "name": "e2e",
-        "runs_dir": str(tmp_path / "runs"),
-        "teacher": {"path": str(teacher_dir)},
-        "taskworld": {"tasks": ["rev", "max"], "n_train": 48, "n_heldout": 12, "seed": 0},
-        "prune": {"target_layers": 2, "calibration_samples": 16},
-        "generate": {"vllm_python": str(VLLM_PYTHON), "top_k": 4, "max_tokens": 6, "dtype": "float32"},
-        "distill": {"train": {"max_steps": 4, "batch_size": 16}},
-        "evaluate": {"batch_size": 16, "max_gen_toks": 6},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": "e2e",
+            "runs_dir": str(tmp_path / "runs"),
+            "teacher": {"path": str(teacher_dir)},
+            "taskworld": {"tasks": ["rev", "max"], "n_train": 48, "n_heldout": 12, "seed": 0},
+            "prune": {"target_layers": 2, "calibration_samples": 16},
+            "generate": {"vllm_python": str(VLLM_PYTHON), "top_k": 4, "max_tokens": 6, "dtype": "float32"},
+            "distill": {"train": {"max_steps": 4, "batch_size": 16}},
+            "evaluate": {"batch_size": 16, "max_gen_toks": 6},
+        }
+    )
 
 
 def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home):
@@ -47,8 +49,17 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
         rec = manifest["stages"][stage]
         assert rec["config_hash"] and rec["inputs"] and rec["packages"]["torch"]
     assert len(manifest["stages"]["generate"]["outputs"]["logits"]) == 64
-    for path in ("pruned/config.json", "student/config.json", "sft/config.json", "data/train.jsonl",
-                 "logits/ids.npy", "eval/results.json", "report.md", "plots/scores.png", "importance.json"):
+    for path in (
+        "pruned/config.json",
+        "student/config.json",
+        "sft/config.json",
+        "data/train.jsonl",
+        "logits/ids.npy",
+        "eval/results.json",
+        "report.md",
+        "plots/scores.png",
+        "importance.json",
+    ):
         assert (run / path).exists(), path
 
     # Unchanged re-run: every stage is a cache hit, results identical.

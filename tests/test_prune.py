@@ -45,7 +45,9 @@ def test_prune_depth_writes_loadable_checkpoint(tiny_model_dir, tmp_path):
     # The kept layers carry the teacher's weights unchanged.
     teacher = load_model(tiny_model_dir)
     for new, old in enumerate(rec["kept_layers"]):
-        torch.testing.assert_close(pruned.model.layers[new].mlp.up_proj.weight, teacher.model.layers[old].mlp.up_proj.weight)
+        torch.testing.assert_close(
+            pruned.model.layers[new].mlp.up_proj.weight, teacher.model.layers[old].mlp.up_proj.weight
+        )
     assert json.loads((tmp_path / "importance.json").read_text())["kept_layers"] == rec["kept_layers"]
     # It generates with a KV cache (layer indices must be consistent).
     tok = load_tokenizer(out)

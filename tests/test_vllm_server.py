@@ -14,26 +14,31 @@ from compress.config import GenerateConfig
 from compress.data.generate import generate_with_logprobs
 from compress.data.taskworld import read_jsonl
 from compress.models import load_model, load_tokenizer
-from compress.serving.vllm_server import ServerError, VLLMServer
+from compress.serving.vllm_server import ServerError, VLLMServer, group_members
 from tests.conftest import VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow
 
 
 def _group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not group_members(pgid)
 
 
 def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
     require_vllm()
-    rows = [{"id": str(i), "task": "rev", "prompt": p, "answer": "x"} for i, p in enumerate(["rev abc=", "add 1+2=", "max 391="])]
+    rows = [
+        {"id": str(i), "task": "rev", "prompt": p, "answer": "x"}
+        for i, p in enumerate(["rev abc=", "add 1+2=", "max 391="])
+    ]
     cfg = GenerateConfig(top_k=5, max_tokens=6, dtype="float32", prompts_per_request=2, concurrency=2)
-    server = VLLMServer(tiny_model_dir, python=VLLM_PYTHON, log_path=tmp_path / "vllm.log", dtype="float32",
-                        max_model_len=128, max_logprobs=5)
+    server = VLLMServer(
+        tiny_model_dir,
+        python=VLLM_PYTHON,
+        log_path=tmp_path / "vllm.log",
+        dtype="float32",
+        max_model_len=128,
+        max_logprobs=5,
+    )
     with server:
         assert server.healthy()
         pgid = os.getpgid(server.proc.pid)
@@ -73,7 +78,7 @@ def test_sigterm_to_parent_stops_server(tiny_model_dir, tmp_path):
         from pathlib import Path
         from compress.serving.vllm_server import VLLMServer
         s = VLLMServer(Path({str(tiny_model_dir)!r}), python=Path({str(VLLM_PYTHON)!r}),
-                       log_path=Path({str(tmp_path / 'v.log')!r}), dtype="float32", max_model_len=128)
+                       log_path=Path({str(tmp_path / "v.log")!r}), dtype="float32", max_model_len=128)
         s.start()
         print(os.getpgid(s.proc.pid), flush=True)
         time.sleep(600)
@@ -101,5 +106,5 @@ def test_start_failure_is_reported_with_log(tmp_path):
 
 
 def test_missing_python_is_a_clear_error(tiny_model_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="generate.vllm_python"):
+    with pytest.raises(FileNotFoundError, match=r"generate\.vllm_python"):
         VLLMServer(tiny_model_dir, python=tmp_path / "nope" / "python", log_path=tmp_path / "v.log").start()

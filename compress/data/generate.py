@@ -147,9 +147,7 @@ def generate_with_logprobs(
     logits_dir = Path(logits_dir)
     logits_dir.mkdir(parents=True, exist_ok=True)
     np.save(logits_dir / "ids.npy", np.concatenate(all_ids) if all_ids else np.zeros((0, cfg.top_k), np.int32))
-    np.save(
-        logits_dir / "logprobs.npy", np.concatenate(all_lps) if all_lps else np.zeros((0, cfg.top_k), np.float32)
-    )
+    np.save(logits_dir / "logprobs.npy", np.concatenate(all_lps) if all_lps else np.zeros((0, cfg.top_k), np.float32))
     write_json(logits_dir / "meta.json", {"k": cfg.top_k, "rows": len(out_rows), "tokens": offset})
     write_jsonl(out_rows, Path(data_dir) / "train.jsonl")
     seconds = time.time() - t0
@@ -161,4 +159,3 @@ def generate_with_logprobs(
         "tokens_per_s": round(offset / seconds, 1) if seconds else None,
         "teacher_train_exact_match": correct / max(1, len(out_rows)),
     }
-

@@ -79,9 +79,7 @@ def check_answer(task: str, prompt: str, answer: str) -> bool:
     raise ValueError(f"unknown task {task!r}")
 
 
-def make_splits(
-    tasks: Iterable[str], n_train: int, n_heldout: int, seed: int
-) -> tuple[list[dict], list[dict]]:
+def make_splits(tasks: Iterable[str], n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Draw ``n_heldout`` then ``n_train`` examples per split, round-robin over ``tasks``.
 
     Held-out prompts are drawn first and excluded from train, so the two splits are disjoint.

@@ -96,7 +96,10 @@ class KDTrainer(Trainer):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         # Shift: position t predicts token t+1; the teacher rows are stored at the target position.
         logits = outputs.logits[:, :-1]
-        shift = (lambda x: x[:, 1:] if x is not None else None)
+
+        def shift(x):
+            return x[:, 1:] if x is not None else None
+
         loss, _ = kd_ce_loss(
             logits, labels[:, 1:], shift(t_ids), shift(t_lp), self.kd_weight, self.temperature, self.tail
         )

@@ -45,9 +45,7 @@ def drop_layers(model, keep: list[int]):
     return model
 
 
-def prune_depth(
-    teacher_dir: Path, calibration_texts: list[str], cfg: PruneConfig, out_dir: Path
-) -> dict[str, Any]:
+def prune_depth(teacher_dir: Path, calibration_texts: list[str], cfg: PruneConfig, out_dir: Path) -> dict[str, Any]:
     """Score layers on ``calibration_texts``, drop the least important, save to ``out_dir``.
 
     Writes ``importance.json`` beside the checkpoint and returns the pruning record (scores, kept
