@@ -6,6 +6,7 @@ fails loudly when held-out exact match is below ``min_heldout_exact_match``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from compress.config import BootstrapConfig, config_hash
+from compress.config import BootstrapConfig
 from compress.data.taskworld import END, make_splits
 from compress.data.tokenizer import build_tokenizer
 from compress.distill.trainer import Progress, encode_example, train_causal_lm
@@ -43,6 +44,12 @@ def greedy_exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int =
     return hits / max(1, len(rows))
 
 
+def teacher_hash(cfg: BootstrapConfig) -> str:
+    """Hash of what decides the teacher's weights (task world, shape, training), not where it is saved."""
+    blob = json.dumps(cfg.model_dump(mode="json", include={"taskworld", "arch", "train"}), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def bootstrap_teacher(cfg: BootstrapConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train the teacher described by ``cfg`` into ``cfg.out_dir``; return its manifest.
 
@@ -64,7 +71,7 @@ def bootstrap_teacher(cfg: BootstrapConfig, progress: Progress | None = None) ->
     teacher = load_model(out_dir)
     em = greedy_exact_match(teacher, load_tokenizer(out_dir), heldout)
     manifest = {
-        "config_hash": config_hash(cfg),
+        "config_hash": teacher_hash(cfg),
         "config": cfg.model_dump(mode="json"),
         "params": count_params(teacher),
         "heldout_exact_match": em,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TaskName = Literal["rev", "sort", "cnt", "max", "add"]
+TaskName = Literal["rev", "sort", "cnt", "max", "add", "dup", "rot"]
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,7 @@ class TaskWorldConfig(StrictModel):
     """The built-in task world (see ``compress.data.taskworld``)."""
 
     tasks: list[TaskName] = Field(
-        default=["rev", "sort", "cnt", "max", "add"], min_length=1, description="Task families to draw from."
+        default=["rev", "sort", "max", "dup", "rot"], min_length=1, description="Task families to draw from."
     )
     n_train: int = Field(default=4000, ge=1, description="Training prompts (distillation data).")
     n_heldout: int = Field(default=250, ge=1, description="Held-out prompts used by the benchmark.")
@@ -80,7 +80,7 @@ class BootstrapConfig(StrictModel):
     """Train the tiny teacher on the task world (``flows.bootstrap``)."""
 
     out_dir: Path = Field(default=Path("assets/teacher-tiny"), description="Where the teacher checkpoint goes.")
-    taskworld: TaskWorldConfig = TaskWorldConfig(n_train=10000, n_heldout=250)
+    taskworld: TaskWorldConfig = TaskWorldConfig(n_train=20000, n_heldout=250)
     arch: ArchConfig = ArchConfig()
     train: TrainConfig = TrainConfig(max_steps=2000, batch_size=64, learning_rate=3e-3)
     min_heldout_exact_match: float = Field(default=0.9, ge=0, le=1, description="Fail if the teacher is worse.")

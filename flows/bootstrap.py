@@ -11,8 +11,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from compress.bootstrap import bootstrap_teacher, read_manifest
-from compress.config import BootstrapConfig, config_hash
+from compress.bootstrap import bootstrap_teacher, read_manifest, teacher_hash
+from compress.config import BootstrapConfig
 
 
 @task(name="train-teacher", retries=0)
@@ -26,7 +26,7 @@ def train_teacher_task(cfg: BootstrapConfig) -> dict:
 def bootstrap_teacher_flow(config: BootstrapConfig = BootstrapConfig()) -> dict:
     """Return the teacher's manifest, training it first unless an identical one exists."""
     manifest = read_manifest(Path(config.out_dir))
-    if manifest and manifest.get("config_hash") == config_hash(config):
+    if manifest and manifest.get("config_hash") == teacher_hash(config):
         get_run_logger().info("teacher at %s is up to date (config hash matches): cache hit", config.out_dir)
         return manifest | {"cached": True}
     return train_teacher_task(config) | {"cached": False}

@@ -190,7 +190,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
 
     # 4. evaluate every model on the held-out split
     _, heldout = make_splits(cfg.taskworld.tasks, cfg.taskworld.n_train, cfg.taskworld.n_heldout, cfg.taskworld.seed)
-    tasks_dir = write_task(heldout, run_dir / "eval" / "tasks", cfg.evaluate.max_gen_toks)
+    tasks_dir = write_task(heldout, run_dir / "eval" / "tasks", cfg.evaluate.max_gen_toks).parent
     heldout_sha = sha256_path(tasks_dir / "heldout.jsonl")
     models: dict[str, dict[str, Any]] = {}
     for name, mdir in model_dirs.items():

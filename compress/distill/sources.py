@@ -31,7 +31,7 @@ def load_cached_examples(
         ex = encode_example(tokenizer, row["prompt"], row["token_ids"])
         if with_teacher:
             sl = slice(row["offset"], row["offset"] + row["n_tokens"])
-            ex["teacher_ids"] = np.asarray(ids[sl])
-            ex["teacher_logprobs"] = np.asarray(lps[sl])
+            ex["teacher_ids"] = np.array(ids[sl])
+            ex["teacher_logprobs"] = np.array(lps[sl])
         out.append(ex)
     return out
