@@ -59,13 +59,14 @@ def main() -> None:
 
     rows, _ = make_splits(["rev", "sort", "max", "dup", "rot"], args.prompts, 10, seed=123)
     cfg = GenerateConfig(top_k=20, max_tokens=args.max_tokens, prompts_per_request=args.batch_size, concurrency=4)
-    with tempfile.TemporaryDirectory() as tmp:
-        with VLLMServer(args.teacher, python=args.vllm_python, log_path=Path(tmp) / "vllm.log",
-                        max_model_len=128, max_logprobs=20) as server:  # fmt: skip
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        server = VLLMServer(args.teacher, python=args.vllm_python, log_path=tmp / "vllm.log", max_model_len=128)
+        with server:
             # One warm-up batch so start-up compilation does not count.
-            generate_with_logprobs(server.base_url, "teacher", rows[:64], cfg, Path(tmp) / "w", Path(tmp) / "wl")
+            generate_with_logprobs(server.base_url, "teacher", rows[:64], cfg, tmp / "w", tmp / "wl")
             t0 = time.perf_counter()
-            stats = generate_with_logprobs(server.base_url, "teacher", rows, cfg, Path(tmp) / "d", Path(tmp) / "l")
+            stats = generate_with_logprobs(server.base_url, "teacher", rows, cfg, tmp / "d", tmp / "l")
             vllm_s = time.perf_counter() - t0
     hf_tokens, hf_s = hf_generate(args.teacher, [r["prompt"] for r in rows], args.batch_size, args.max_tokens)
 
