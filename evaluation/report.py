@@ -52,7 +52,7 @@ def format_table(summary: dict) -> str:
 def format_stages(summary: dict) -> str:
     """One line per stage: cached or ran, and how long it took."""
     return "\n".join(
-        f"  {name:<16}{'cache hit' if s['cached'] else 'ran':<10}{s['seconds']:>8.1f}s"
+        f"  {name:<18}{'cache hit' if s['cached'] else 'ran':<10}{s['seconds']:>8.1f}s"
         for name, s in summary["stages"].items()
     )
 
