@@ -83,7 +83,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    code, versions = source_hash(), package_versions()
+    code, code_ver, versions = source_hash(), code_version(), package_versions()
     teacher_dir = Path(cfg.teacher.path).resolve()
     teacher_sha = sha256_path(teacher_dir)
     stages: dict[str, dict[str, Any]] = {}
@@ -97,8 +97,10 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
         result: dict,
         cached: bool,
         seconds: float,
-    ) -> None:
+    ) -> dict[str, str]:
+        """Record a stage in the manifest; return the sha256 of its outputs (hashed once, here)."""
         stages[stage] = {"cached": cached, "seconds": seconds}
+        out_hashes = {name: sha256_path(p) for name, p in outputs.items()}
         record_stage(
             run_dir,
             stage,
@@ -107,15 +109,16 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
                 "cache_key": key,
                 "config_hash": config_hash(conf) if conf is not None else None,
                 "inputs": inputs,
-                "outputs": {name: sha256_path(p) for name, p in outputs.items()},
+                "outputs": out_hashes,
                 "code_hash": code,
-                "code_version": code_version(),
+                "code_version": code_ver,
                 "packages": versions,
                 "seconds": seconds,
                 "result": {k: v for k, v in result.items() if not isinstance(v, list | dict)},
             },
         )
         logger.info("stage %s: %s in %.1fs", stage, "cache hit" if cached else "ran", seconds)
+        return out_hashes
 
     # 1. prune
     pruned_dir = run_dir / "pruned"
@@ -129,8 +132,9 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
         out_dir=str(pruned_dir),
         cache_key=key,
     )
-    record("prune", key, cfg.prune, {"teacher": teacher_sha}, {"pruned": pruned_dir}, res, cached, secs)
-    pruned_sha = sha256_path(pruned_dir)
+    pruned_sha = record("prune", key, cfg.prune, {"teacher": teacher_sha}, {"pruned": pruned_dir}, res, cached, secs)[
+        "pruned"
+    ]
 
     # 2. generate
     data_dir, logits_dir = run_dir / "data", run_dir / "logits"
@@ -147,7 +151,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
         run_dir=str(run_dir),
         cache_key=key,
     )
-    record(
+    gen_hashes = record(
         "generate",
         key,
         cfg.generate,
@@ -157,11 +161,12 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
         cached,
         secs,
     )
-    data_sha = sha256_path(data_dir) + sha256_path(logits_dir)
+    data_sha = gen_hashes["data"] + gen_hashes["logits"]
 
     # 3. distill: KD student, and the SFT baseline on the same data
     students = {"student": True} | ({"sft": False} if cfg.distill.sft_baseline else {})
     model_dirs = {"teacher": teacher_dir, "pruned": pruned_dir}
+    model_shas = {"teacher": teacher_sha, "pruned": pruned_sha}
     for name, use_logits in students.items():
         out = run_dir / name
         key = stage_key(f"distill-{name}", cfg.distill, use_logits, pruned_sha, data_sha, code)
@@ -176,7 +181,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
             use_teacher_logits=use_logits,
             cache_key=key,
         )
-        record(
+        model_shas[name] = record(
             f"distill_{name}",
             key,
             cfg.distill,
@@ -185,7 +190,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
             res,
             cached,
             secs,
-        )
+        )[name]
         model_dirs[name] = out
 
     # 4. evaluate every model on the held-out split
@@ -194,7 +199,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     heldout_sha = sha256_path(tasks_dir / "heldout.jsonl")
     models: dict[str, dict[str, Any]] = {}
     for name, mdir in model_dirs.items():
-        msha = sha256_path(mdir)
+        msha = model_shas[name]
         key = stage_key(f"evaluate-{name}", cfg.evaluate, heldout_sha, msha, code)
         res, cached, secs = _run_stage(
             evaluate_task,
