@@ -6,7 +6,6 @@ fails loudly when held-out exact match is below ``min_heldout_exact_match``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from compress.config import BootstrapConfig
+from compress.config import BootstrapConfig, config_hash
 from compress.data.taskworld import END, make_splits
 from compress.data.tokenizer import build_tokenizer
 from compress.distill.trainer import Progress, encode_example, train_causal_lm
@@ -46,8 +45,7 @@ def greedy_exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int =
 
 def teacher_hash(cfg: BootstrapConfig) -> str:
     """Hash of what decides the teacher's weights (task world, shape, training), not where it is saved."""
-    blob = json.dumps(cfg.model_dump(mode="json", include={"taskworld", "arch", "train"}), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return config_hash(cfg, include={"taskworld", "arch", "train"})
 
 
 def bootstrap_teacher(cfg: BootstrapConfig, progress: Progress | None = None) -> dict[str, Any]:

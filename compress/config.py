@@ -162,9 +162,13 @@ class PipelineConfig(StrictModel):
         return self.runs_dir / self.name
 
 
-def config_hash(model: BaseModel) -> str:
-    """sha256 of a model's canonical JSON (keys sorted): the config part of every cache key."""
-    blob = json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
+def config_hash(model: BaseModel, include: set[str] | None = None, exclude: set[str] | None = None) -> str:
+    """sha256 of a model's canonical JSON (keys sorted): the config part of every cache key.
+
+    ``include`` / ``exclude`` select fields, for keys that must ignore settings that do not change
+    the output (where a file is written, how many requests run at once).
+    """
+    blob = json.dumps(model.model_dump(mode="json", include=include, exclude=exclude), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 

@@ -138,9 +138,8 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
 
     # 2. generate
     data_dir, logits_dir = run_dir / "data", run_dir / "logits"
-    gen_cfg = cfg.generate.model_dump(mode="json", exclude=GENERATE_RUNTIME_FIELDS)
     key = stage_key(
-        "generate", hashlib.sha256(repr(sorted(gen_cfg.items())).encode()).hexdigest(), cfg.taskworld, teacher_sha, code
+        "generate", config_hash(cfg.generate, exclude=GENERATE_RUNTIME_FIELDS), cfg.taskworld, teacher_sha, code
     )
     res, cached, secs = _run_stage(
         generate_task,
