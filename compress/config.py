@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 TaskName = Literal["rev", "sort", "cnt", "max", "add", "dup", "rot"]
+# A hub model or dataset id: "name" or "owner/name".
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Names of the built-in task world's held-out split in evaluate.tasks.
+TASKWORLD_TASK = "taskworld"
 
 
 class ConfigError(ValueError):
@@ -87,14 +101,110 @@ class BootstrapConfig(StrictModel):
 
 
 class TeacherConfig(StrictModel):
-    """The model to compress."""
+    """The model to compress: a local checkpoint directory or a Hugging Face hub model id."""
 
-    path: Path = Field(description="Hugging Face checkpoint directory of the teacher.")
+    path: str = Field(description="Local checkpoint directory, or a hub model id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit); hub ids only.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights dtype for pruning and evaluation; auto = the checkpoint's own."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run modelling code shipped with the checkpoint (off unless you trust it)."
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_as_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, v: Path) -> Path:
-        return _existing_checkpoint(v)
+    def _local_or_hub(cls, v: str) -> str:
+        p = Path(v).expanduser()
+        if p.exists() or not HUB_ID.match(v):
+            _existing_checkpoint(p)
+            return str(p)
+        return v  # a hub id: resolved (cache, then hub) before any stage starts
+
+    @property
+    def is_local(self) -> bool:
+        """True when ``path`` is a local checkpoint directory (not a hub id)."""
+        return Path(self.path).is_dir()
+
+
+class TaskWorldSource(StrictModel):
+    """The built-in task world's training split (settings in the top-level ``taskworld`` section)."""
+
+    type: Literal["taskworld"] = "taskworld"
+    weight: float = Field(default=1.0, gt=0, description="Share in the mixture (with data.num_samples).")
+    limit: int | None = Field(default=None, ge=1, description="Use at most this many rows.")
+
+
+class DatasetSource(StrictModel):
+    """Any ``datasets`` source: local JSONL/Parquet/CSV/Arrow files or directories, or a hub dataset.
+
+    Give either ``prompt_field`` (plain text, with an optional ``answer_field``) or ``messages_field``
+    (OpenAI-style chat messages, rendered with the tokenizer's chat template).
+    """
+
+    type: Literal["dataset"] = "dataset"
+    path: str = Field(description="Builder (json, parquet, csv, arrow), local file/directory, or hub dataset id.")
+    name: str | None = Field(default=None, description="Dataset configuration name.")
+    data_files: str | list[str] | None = Field(default=None, description="Files for a builder path such as json.")
+    revision: str | None = None
+    split: str = "train"
+    limit: int | None = Field(default=None, ge=1, description="Use at most this many rows (after shuffling).")
+    seed: int = Field(default=0, description="Seed of this source's shuffle.")
+    prompt_field: str | None = Field(default=None, description="Field holding the prompt text.")
+    answer_field: str | None = Field(default=None, description="Field holding the reference answer.")
+    messages_field: str | None = Field(default=None, description="Field holding a list of {role, content}.")
+    weight: float = Field(default=1.0, gt=0, description="Share in the mixture (with data.num_samples).")
+
+    @model_validator(mode="after")
+    def _one_kind_of_prompt(self) -> DatasetSource:
+        if (self.prompt_field is None) == (self.messages_field is None):
+            raise ValueError("give exactly one of prompt_field and messages_field")
+        if self.answer_field is not None and self.messages_field is not None:
+            raise ValueError(
+                "answer_field goes with prompt_field (with messages, the last assistant turn is the answer)"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """A short name for reports: the files, or the dataset id."""
+        files = self.data_files if isinstance(self.data_files, list) else [self.data_files] if self.data_files else []
+        return f"{self.path}:{','.join(files)}" if files else self.path
+
+
+def _source_tag(v: Any) -> str:
+    if isinstance(v, dict):
+        return v.get("type", "dataset")
+    return getattr(v, "type", "dataset")
+
+
+DataSource = Annotated[
+    Annotated[TaskWorldSource, Tag("taskworld")] | Annotated[DatasetSource, Tag("dataset")],
+    Discriminator(_source_tag),
+]
+
+
+class DataConfig(StrictModel):
+    """Training prompts: a mixture of sources, deduplicated and decontaminated against the eval sets."""
+
+    sources: list[DataSource] = Field(default_factory=lambda: [TaskWorldSource()], min_length=1)
+    num_samples: int | None = Field(
+        default=None, ge=1, description="Size of the mixture, split by weight; unset = every row of every source."
+    )
+    seed: int = Field(default=0, description="Seed of the mixture's sampling and order.")
+    dedup: bool = Field(default=True, description="Drop repeated prompts (first occurrence wins).")
+    decontaminate: bool = Field(default=True, description="Drop training prompts that appear in an evaluation set.")
+
+    @model_validator(mode="after")
+    def _weights_need_size(self) -> DataConfig:
+        if self.num_samples is None and len({s.weight for s in self.sources}) > 1:
+            raise ValueError("sources with different weights need data.num_samples (the mixture's size)")
+        return self
 
 
 class PruneConfig(StrictModel):
@@ -102,7 +212,11 @@ class PruneConfig(StrictModel):
 
     method: Literal["depth"] = "depth"
     target_layers: int = Field(default=4, ge=1, description="Decoder layers the pruned model keeps.")
-    calibration_samples: int = Field(default=128, ge=1, description="Training prompts used to score layers.")
+    calibration_samples: int = Field(default=128, ge=1, description="Calibration texts used to score layers.")
+    calibration_seq_len: int = Field(default=512, ge=8, description="Tokens per calibration text (truncated).")
+    calibration_source: DataSource | None = Field(
+        default=None, description="Own calibration data; unset = the first training rows."
+    )
     batch_size: int = Field(default=32, ge=1)
 
 
@@ -114,6 +228,9 @@ class GenerateConfig(StrictModel):
     )
     top_k: int = Field(default=20, ge=1, le=20, description="Teacher log-probs kept per token (vLLM max 20).")
     max_tokens: int = Field(default=16, ge=1)
+    stop: list[str] = Field(
+        default=["\n"], description="Stop strings (kept in the output); [] = stop at the model's EOS only."
+    )
     temperature: float = Field(default=0.0, ge=0)
     prompts_per_request: int = Field(default=64, ge=1)
     concurrency: int = Field(default=4, ge=1)
@@ -138,11 +255,39 @@ class DistillConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    """lm-eval on the held-out task world (exact match of greedy generations)."""
+    """lm-eval on every model: the task world's held-out split, any installed task, local task YAMLs."""
 
-    limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N held-out examples.")
-    batch_size: int = Field(default=64, ge=1)
-    max_gen_toks: int = Field(default=16, ge=1)
+    tasks: list[str] = Field(
+        default=[TASKWORLD_TASK],
+        min_length=1,
+        description="lm-eval task or group names; 'taskworld' is the built-in held-out split.",
+    )
+    include_path: Path | None = Field(default=None, description="Directory of local lm-eval task YAMLs.")
+    num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples (unset: each task's own).")
+    limit: float | None = Field(
+        default=None, gt=0, description="Examples per task: a count (>= 1) or a fraction (< 1)."
+    )
+    batch_size: int | Literal["auto"] = 64
+    max_gen_toks: int = Field(default=16, ge=1, description="Generation budget of the taskworld task.")
+    apply_chat_template: bool = Field(default=False, description="Render prompts with the model's chat template.")
+    fewshot_as_multiturn: bool = Field(default=False, description="Few-shot examples as chat turns.")
+    headline: str | None = Field(
+        default=None, description="'task/metric' of the headline score; unset = the first task's first metric."
+    )
+
+    @field_validator("include_path")
+    @classmethod
+    def _dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_dir():
+            raise ValueError(f"'{v}' is not a directory")
+        return v
+
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError("a count must be a whole number (a fraction must be below 1)")
+        return int(v) if v is not None and v >= 1 else v
 
 
 class PipelineConfig(StrictModel):
@@ -150,8 +295,14 @@ class PipelineConfig(StrictModel):
 
     name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: runs/<name>/.")
     runs_dir: Path = Field(default=Path("runs"), description="Parent directory of run directories.")
+    device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA where present, else CPU."
+    )
     teacher: TeacherConfig
     taskworld: TaskWorldConfig = TaskWorldConfig()
+    data: DataConfig | None = Field(
+        default=None, description="Training prompts; unset = the task world's training split as drawn."
+    )
     prune: PruneConfig = PruneConfig()
     generate: GenerateConfig = GenerateConfig()
     distill: DistillConfig = DistillConfig()
@@ -160,6 +311,21 @@ class PipelineConfig(StrictModel):
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.name
+
+    @property
+    def uses_taskworld(self) -> bool:
+        """True when the task world feeds training or evaluation (then it is part of cache keys)."""
+        data = self.effective_data()
+        return TASKWORLD_TASK in self.evaluate.tasks or any(s.type == "taskworld" for s in data.sources)
+
+    def effective_data(self) -> DataConfig:
+        """The data section in force: with none, the task world's training split exactly as drawn.
+
+        The task world's generator repeats about 1.5% of its training prompts (it draws with
+        replacement, as real data does); the default keeps them, so it is the skeleton's data byte
+        for byte. An explicit ``data`` section deduplicates unless told not to.
+        """
+        return self.data if self.data is not None else DataConfig(dedup=False)
 
 
 def config_hash(model: BaseModel, include: set[str] | None = None, exclude: set[str] | None = None) -> str:
@@ -193,12 +359,30 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """One line: ``source: field.path: message`` for the first error, and how many more there are."""
     errors = err.errors()
     first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    loc = _format_loc(first["loc"]) or "<root>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
+
+
+_UNION_TAGS = {"taskworld", "dataset"}
+
+
+def _format_loc(loc: tuple) -> str:
+    """``data.sources[0].prompt_field``: list indices in brackets, union tags left out."""
+    out = ""
+    prev: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _UNION_TAGS and (isinstance(prev, int) or prev == "calibration_source"):
+            pass
+        else:
+            out += f".{part}" if out else str(part)
+        prev = part
+    return out
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

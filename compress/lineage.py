@@ -39,6 +39,37 @@ def sha256_path(path: Path, skip: frozenset[str] = SIDECAR_FILES) -> str:
     return h.hexdigest()
 
 
+def sha256_path_cached(path: Path, cache_file: Path) -> str:
+    """``sha256_path`` of a directory, reused while no file's name, size or mtime changed.
+
+    The stat check is the one git and make rely on; it spares re-reading a multi-GB teacher on
+    every run and every ``plan``.
+    """
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in SIDECAR_FILES)
+    stamp = hashlib.sha256(
+        "\n".join(f"{f.relative_to(path)}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}" for f in files).encode()
+    ).hexdigest()
+    cache = read_json(cache_file, default={})
+    hit = cache.get(str(path))
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    digest = sha256_path(path)
+    cache[str(path)] = {"stamp": stamp, "sha256": digest}
+    write_json(cache_file, cache)
+    return digest
+
+
+def source_hash(roots: tuple[str, ...] = ("compress", "evaluation", "tasks")) -> str:
+    """sha256 over the library source: the code part of every cache key."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for sub in roots:
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (temp file + rename), so a crash never leaves a half-written file."""
     path = Path(path)

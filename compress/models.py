@@ -39,14 +39,31 @@ def build_llama(arch: ArchConfig, tokenizer, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM from a checkpoint directory on the CPU (or wherever it is later moved)."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` where a GPU is present, else ``cpu``; an explicit CUDA device must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: '{device}' asked for, but torch sees no CUDA device")
+    return device
 
 
-def load_tokenizer(path: Path):
-    """Load the tokenizer saved beside a checkpoint."""
-    return AutoTokenizer.from_pretrained(str(path))
+def torch_dtype(name: str) -> torch.dtype | str:
+    """A config dtype name as torch wants it (``auto`` = the checkpoint's own dtype)."""
+    return name if name == "auto" else getattr(torch, name)
+
+
+def load_model(
+    path: Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM from a checkpoint directory onto ``device``."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """Load the tokenizer saved beside a checkpoint (always from the directory: see DESIGN.md)."""
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, out_dir: Path) -> Path:

@@ -9,10 +9,52 @@ MODEL_ORDER = ("teacher", "pruned", "sft", "student")
 LABELS = {"teacher": "teacher", "pruned": "pruned (no training)", "sft": "SFT baseline", "student": "KD student"}
 
 
-def build_summary(metric: str, models: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]]) -> dict:
-    """``{"metric", "models": {name: {"params", "score", ...}}, "stages": {name: {"cached", "seconds"}}}``."""
+def build_summary(
+    metric: str,
+    models: dict[str, dict[str, Any]],
+    stages: dict[str, dict[str, Any]],
+    headline: dict[str, str] | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict:
+    """``{"metric", "headline", "models": {name: {"params", "score", "scores", ...}}, "stages", "data"}``.
+
+    ``score`` is the headline metric; ``scores`` holds every task and metric as
+    ``{task: {metric: {"value", "stderr"}}}``.
+    """
     ordered = {m: models[m] for m in MODEL_ORDER if m in models}
-    return {"metric": metric, "models": ordered, "stages": stages}
+    out: dict[str, Any] = {"metric": metric, "headline": headline, "models": ordered, "stages": stages}
+    if data is not None:
+        out["data"] = {k: v for k, v in data.items() if k != "sources"} | {"sources": data.get("sources", [])}
+    return out
+
+
+def score_columns(summary: dict) -> list[tuple[str, str]]:
+    """Every (task, metric) that some model has, in first-seen order."""
+    cols: list[tuple[str, str]] = []
+    for m in summary["models"].values():
+        for task, metrics in (m.get("scores") or {}).items():
+            cols += [(task, name) for name in metrics if (task, name) not in cols]
+    return cols
+
+
+def scores_table(summary: dict) -> str:
+    """Models x (task, metric) as plain text, with lm-eval's stderr: one column per task and metric."""
+    cols = score_columns(summary)
+    names = [f"{t}/{m}" for t, m in cols]
+    width = max([22, *(len(n) + 2 for n in names)])
+    lines = [f"{'task/metric':<{width}}" + "".join(f"{LABELS.get(n, n):>22}" for n in summary["models"])]
+    lines.append("-" * len(lines[0]))
+    for (task, metric), label in zip(cols, names, strict=True):
+        cells = []
+        for m in summary["models"].values():
+            v = (m.get("scores") or {}).get(task, {}).get(metric)
+            cells.append("-" if v is None else _with_stderr(v))
+        lines.append(f"{label:<{width}}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def _with_stderr(v: dict[str, float | None]) -> str:
+    return f"{v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v.get("stderr") is not None else "")
 
 
 def results_rows(summary: dict) -> list[dict[str, Any]]:
@@ -65,7 +107,9 @@ def markdown_report(summary: dict, run_dir: Path, extra: dict[str, Any] | None =
     """The run report as markdown (also published as a Prefect artifact)."""
     metric = summary["metric"]
     rows = results_rows(summary)
-    out = [f"# distillflow run `{Path(run_dir).name}`", "", f"Held-out metric: **{metric}** (lm-eval).", ""]
+    head = summary.get("headline") or {}
+    where = f" on `{head['task']}`" if head.get("task") else ""
+    out = [f"# distillflow run `{Path(run_dir).name}`", "", f"Headline metric: **{metric}**{where} (lm-eval).", ""]
     out.append(f"| model | {metric} | ± stderr | params | score / teacher | params / teacher |")
     out.append("|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -73,6 +117,29 @@ def markdown_report(summary: dict, run_dir: Path, extra: dict[str, Any] | None =
             f"| {LABELS.get(r['model'], r['model'])} | {r[metric]:.4f} | {_fmt(r['stderr'])} | {r['params']:,} "
             f"| {_fmt(r['score_vs_teacher'])} | {_fmt(r['params_vs_teacher'])} |"
         )
+    cols = score_columns(summary)
+    if len(cols) > 1:
+        out += [
+            "",
+            "## Every task",
+            "",
+            "| task / metric | " + " | ".join(LABELS.get(n, n) for n in summary["models"]) + " |",
+        ]
+        out.append("|---|" + "---:|" * len(summary["models"]))
+        for task, metric in cols:
+            cells = [(m.get("scores") or {}).get(task, {}).get(metric) for m in summary["models"].values()]
+            out.append(
+                f"| {task} / {metric} | " + " | ".join("-" if c is None else _with_stderr(c) for c in cells) + " |"
+            )
+    data = summary.get("data")
+    if data:
+        out += [
+            "",
+            "## Data",
+            "",
+            f"{data['prompts']:,} training prompts; {data['duplicates_dropped']:,} duplicates and "
+            f"{data['eval_overlap_dropped']:,} evaluation prompts dropped from training.",
+        ]
     out += ["", "## Stages", "", "| stage | cached | seconds |", "|---|---|---:|"]
     for name, s in summary["stages"].items():
         out.append(f"| {name} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} |")

@@ -25,9 +25,9 @@ BOOTSTRAP_CONFIG = Path("configs/bootstrap.yaml")
 
 def _env_defaults() -> None:
     """Offline, quiet defaults for the libraries we drive (a user's own settings win)."""
+    # The hub is not switched off here: a hub teacher or dataset is fetched when reachable, and
+    # preflight switches every HF library offline when it is not (so nothing waits on a timeout).
     for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
@@ -48,15 +48,37 @@ def _load(path: Path, overrides: list[str] | None, model_cls=PipelineConfig):
         _fail(str(e))
 
 
-def _run_pipeline(cfg: PipelineConfig) -> dict:
+def _preflight(cfg: PipelineConfig, full: bool):
+    """The checks every run makes before its first stage (one line and exit 2 on bad input)."""
     _env_defaults()
-    from evaluation.report import format_stages, format_table
+    from flows.plan import preflight
+
+    try:
+        pf = preflight(cfg, full=full)
+    except ConfigError as e:
+        _fail(str(e))
+    for w in pf.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    return pf
+
+
+def _run_pipeline(cfg: PipelineConfig) -> dict:
+    _preflight(cfg, full=True)
+    from evaluation.report import format_stages, format_table, score_columns, scores_table
     from flows.compress import compress_pipeline
 
     t0 = time.time()
     result = compress_pipeline(cfg)
     summary = result.summary
     typer.echo("\n" + format_table(summary))
+    if len(score_columns(summary)) > 1:
+        typer.echo("\n" + scores_table(summary))
+    data = summary.get("data") or {}
+    if data:
+        typer.echo(
+            f"\ndata: {data['prompts']:,} training prompts; dropped {data['duplicates_dropped']:,} duplicates "
+            f"and {data['eval_overlap_dropped']:,} prompts found in an evaluation set"
+        )
     typer.echo("\nstages:\n" + format_stages(summary))
     hits = sum(s["cached"] for s in summary["stages"].values())
     total = len(summary["stages"])
@@ -70,6 +92,21 @@ def run(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], s
     """Run the whole pipeline (prune, generate, distill, evaluate) on CONFIG."""
     cfg = _load(config, set_)
     _guard(lambda: _run_pipeline(cfg))
+
+
+@app.command()
+def plan(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], set_: SetOpt = None) -> None:
+    """Check CONFIG and print what a run would do, without loading any weights.
+
+    Validates the config, reads the teacher's config.json, the first rows of every data source and
+    the evaluation task names, and prints the stages, the expected student size and which stages
+    of an earlier run in the same directory would be cache hits.
+    """
+    cfg = _load(config, set_)
+    pf = _preflight(cfg, full=False)
+    from flows.plan import describe
+
+    _guard(lambda: typer.echo(describe(cfg, str(config), pf)))
 
 
 @app.command()

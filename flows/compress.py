@@ -11,7 +11,6 @@ the checkpoints, data, logits, evaluation results, ``manifest.json`` (lineage) a
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,12 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from compress.config import PipelineConfig, coerce_config, config_hash
-from compress.data.taskworld import make_splits
-from compress.lineage import code_version, package_versions, record_stage, sha256_path, write_json
-from compress.models import checkpoint_params
-from evaluation.harness import METRIC, write_task
+from compress.lineage import code_version, package_versions, record_stage, sha256_path, source_hash, write_json
+from compress.models import checkpoint_params, resolve_device
+from evaluation.harness import headline
 from evaluation.report import build_summary, markdown_report, plot_scores, results_rows
-from tasks.stages import distill_task, evaluate_task, generate_task, prune_task
-
-# Fields that change how generation runs, not what it produces: kept out of the cache key.
-GENERATE_RUNTIME_FIELDS = {
-    "vllm_python",
-    "concurrency",
-    "prompts_per_request",
-    "startup_timeout_s",
-    "request_timeout_s",
-}
-_SOURCE_ROOTS = ("compress", "evaluation", "tasks")
+from flows.plan import StageKeys, preflight, teacher_identity, write_eval_tasks
+from tasks.stages import distill_task, evaluate_task, generate_task, prepare_task, prune_task
 
 
 class PipelineResult(BaseModel):
@@ -46,24 +35,6 @@ class PipelineResult(BaseModel):
 
     run_dir: str
     summary: dict[str, Any]
-
-
-def source_hash() -> str:
-    """sha256 over the library source (``compress/``, ``evaluation/``, ``tasks/``): the code part of cache keys."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for sub in _SOURCE_ROOTS:
-        for f in sorted((root / sub).rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def stage_key(stage: str, *parts: Any) -> str:
-    """Cache key of a stage: sha256 over its name and the given config hashes / input hashes."""
-    h = hashlib.sha256(stage.encode())
-    for p in parts:
-        h.update(b"\0" + (config_hash(p) if isinstance(p, BaseModel) else str(p)).encode())
-    return f"distillflow-{stage}-{h.hexdigest()[:32]}"
 
 
 def _run_stage(task_fn, outputs: list[Path], **kwargs) -> tuple[dict, bool, float]:
@@ -80,12 +51,19 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     """Compress the teacher of ``config`` and benchmark teacher, pruned, SFT baseline and KD student."""
     cfg = coerce_config(config)
     logger = get_run_logger()
+    pf = preflight(cfg, full=True)  # one-line ConfigError on bad input, before any stage
+    for w in pf.warnings:
+        logger.warning(w)
+    device = resolve_device(cfg.device)
+    dtype, remote = cfg.teacher.dtype, cfg.teacher.trust_remote_code
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     code, code_ver, versions = source_hash(), code_version(), package_versions()
-    teacher_dir = Path(cfg.teacher.path).resolve()
-    teacher_sha = sha256_path(teacher_dir)
+    teacher_dir = pf.teacher.path
+    teacher_sha = teacher_identity(cfg, pf.teacher)
+    tasks_dir = run_dir / "eval" / "tasks"
+    keys = StageKeys(cfg, teacher_sha, write_eval_tasks(cfg, tasks_dir), code)
     stages: dict[str, dict[str, Any]] = {}
 
     def record(
@@ -113,6 +91,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
                 "code_hash": code,
                 "code_version": code_ver,
                 "packages": versions,
+                "device": device,
                 "seconds": seconds,
                 "result": {k: v for k, v in result.items() if not isinstance(v, list | dict)},
             },
@@ -120,42 +99,67 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
         logger.info("stage %s: %s in %.1fs", stage, "cache hit" if cached else "ran", seconds)
         return out_hashes
 
+    # 0. prepare: training prompts and calibration texts
+    data_dir = run_dir / "data"
+    prompts, calibration = data_dir / "prompts.jsonl", data_dir / "calibration.jsonl"
+    key = keys.prepare()
+    data_report, cached, secs = _run_stage(
+        prepare_task,
+        [prompts, calibration],
+        cfg=cfg,
+        teacher_dir=str(teacher_dir),
+        tasks_dir=str(tasks_dir),
+        out_dir=str(data_dir),
+        cache_key=key,
+    )
+    prep = record(
+        "prepare",
+        key,
+        cfg.effective_data(),
+        {"teacher": teacher_sha, "eval_sets": keys.eval_id},
+        {"prompts": prompts, "calibration": calibration},
+        data_report,
+        cached,
+        secs,
+    )
+
     # 1. prune
     pruned_dir = run_dir / "pruned"
-    key = stage_key("prune", cfg.prune, cfg.taskworld, teacher_sha, code)
+    key = keys.prune(prep["calibration"])
     res, cached, secs = _run_stage(
         prune_task,
         [pruned_dir],
         teacher_dir=str(teacher_dir),
-        world=cfg.taskworld,
+        calibration=str(calibration),
         cfg=cfg.prune,
         out_dir=str(pruned_dir),
+        device=device,
+        dtype=dtype,
+        trust_remote_code=remote,
         cache_key=key,
     )
-    pruned_sha = record("prune", key, cfg.prune, {"teacher": teacher_sha}, {"pruned": pruned_dir}, res, cached, secs)[
-        "pruned"
-    ]
+    inputs = {"teacher": teacher_sha, "calibration": prep["calibration"]}
+    pruned_sha = record("prune", key, cfg.prune, inputs, {"pruned": pruned_dir}, res, cached, secs)["pruned"]
 
     # 2. generate
-    data_dir, logits_dir = run_dir / "data", run_dir / "logits"
-    key = stage_key(
-        "generate", config_hash(cfg.generate, exclude=GENERATE_RUNTIME_FIELDS), cfg.taskworld, teacher_sha, code
-    )
+    logits_dir = run_dir / "logits"
+    key = keys.generate(prep["prompts"])
     res, cached, secs = _run_stage(
         generate_task,
         [data_dir / "train.jsonl", logits_dir / "ids.npy"],
         teacher_dir=str(teacher_dir),
-        world=cfg.taskworld,
+        prompts=str(prompts),
         cfg=cfg.generate,
         run_dir=str(run_dir),
+        trust_remote_code=remote,
         cache_key=key,
     )
     gen_hashes = record(
         "generate",
         key,
         cfg.generate,
-        {"teacher": teacher_sha},
-        {"data": data_dir, "logits": logits_dir},
+        {"teacher": teacher_sha, "prompts": prep["prompts"]},
+        {"data": data_dir / "train.jsonl", "logits": logits_dir},
         res,
         cached,
         secs,
@@ -168,7 +172,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     model_shas = {"teacher": teacher_sha, "pruned": pruned_sha}
     for name, use_logits in students.items():
         out = run_dir / name
-        key = stage_key(f"distill-{name}", cfg.distill, use_logits, pruned_sha, data_sha, code)
+        key = keys.distill(name, use_logits, pruned_sha, data_sha)
         res, cached, secs = _run_stage(
             distill_task,
             [out / "config.json"],
@@ -178,28 +182,17 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
             cfg=cfg.distill,
             out_dir=str(out),
             use_teacher_logits=use_logits,
+            device=device,
             cache_key=key,
         )
-        model_shas[name] = record(
-            f"distill_{name}",
-            key,
-            cfg.distill,
-            {"pruned": pruned_sha, "data": data_sha},
-            {name: out},
-            res,
-            cached,
-            secs,
-        )[name]
+        inputs = {"pruned": pruned_sha, "data": data_sha}
+        model_shas[name] = record(f"distill_{name}", key, cfg.distill, inputs, {name: out}, res, cached, secs)[name]
         model_dirs[name] = out
 
-    # 4. evaluate every model on the held-out split
-    _, heldout = make_splits(cfg.taskworld.tasks, cfg.taskworld.n_train, cfg.taskworld.n_heldout, cfg.taskworld.seed)
-    tasks_dir = write_task(heldout, run_dir / "eval" / "tasks", cfg.evaluate.max_gen_toks).parent
-    heldout_sha = sha256_path(tasks_dir / "heldout.jsonl")
+    # 4. evaluate every model on every task
     models: dict[str, dict[str, Any]] = {}
     for name, mdir in model_dirs.items():
-        msha = model_shas[name]
-        key = stage_key(f"evaluate-{name}", cfg.evaluate, heldout_sha, msha, code)
+        key = keys.evaluate(name, model_shas[name])
         res, cached, secs = _run_stage(
             evaluate_task,
             [],
@@ -207,19 +200,21 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
             tasks_dir=str(tasks_dir),
             cfg=cfg.evaluate,
             label=name,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=remote,
             cache_key=key,
         )
-        record(f"evaluate_{name}", key, cfg.evaluate, {"model": msha, "heldout": heldout_sha}, {}, res, cached, secs)
-        models[name] = {
-            "params": checkpoint_params(mdir),
-            "score": res["score"],
-            "stderr": res["stderr"],
-            "n": res["n"],
-            "path": str(mdir),
-        }
+        inputs = {"model": model_shas[name], "eval_sets": keys.eval_id}
+        record(f"evaluate_{name}", key, cfg.evaluate, inputs, {}, res, cached, secs)
+        models[name] = {"params": checkpoint_params(mdir), "scores": res["scores"], "n": res["n"], "path": str(mdir)}
+    task, metric = headline(models["teacher"]["scores"], cfg.evaluate)
+    for m in models.values():
+        best = m["scores"].get(task, {}).get(metric, {})
+        m["score"], m["stderr"] = best.get("value"), best.get("stderr")
     write_json(run_dir / "eval" / "results.json", models)
 
-    summary = build_summary(METRIC, models, stages)
+    summary = build_summary(metric, models, stages, headline={"task": task, "metric": metric}, data=data_report)
     write_json(run_dir / "summary.json", summary)
     plot_scores(summary, run_dir / "plots" / "scores.png")
     report = markdown_report(summary, run_dir)

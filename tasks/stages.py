@@ -16,13 +16,16 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
-from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PruneConfig, TaskWorldConfig
+from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PipelineConfig, PruneConfig
 from compress.data.generate import GenerationError, generate_with_logprobs
-from compress.data.taskworld import END, make_splits
+from compress.data.sources import prepare_data
+from compress.data.taskworld import read_jsonl
 from compress.distill.recipe import distill_student
+from compress.models import load_tokenizer
 from compress.prune.depth import prune_depth
 from compress.serving.vllm_server import ServerError, VLLMServer
 from evaluation.harness import evaluate_checkpoint
+from evaluation.tasks import eval_texts
 
 TRANSIENT = (ServerError, GenerationError, ConnectionError, TimeoutError)
 
@@ -67,20 +70,55 @@ STAGE_TASK = dict(
 )
 
 
+@task(name="prepare", **STAGE_TASK)
+def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir: str, cache_key: str) -> dict:
+    """Training prompts and calibration texts: read, render, mix, deduplicate, decontaminate."""
+    data = cfg.effective_data()
+    tokenizer = load_tokenizer(Path(teacher_dir), cfg.teacher.trust_remote_code)
+    texts = eval_texts(cfg.evaluate, Path(tasks_dir)) if data.decontaminate else []
+    report = prepare_data(
+        data,
+        cfg.taskworld,
+        tokenizer,
+        texts,
+        Path(out_dir),
+        (cfg.prune.calibration_source, cfg.prune.calibration_samples),
+        progress=_progress("prepare", "prepare"),
+    )
+    get_run_logger().info(
+        "%d training prompts; dropped %d duplicates and %d that appear in an evaluation set (%d eval prompts checked)",
+        report["prompts"],
+        report["duplicates_dropped"],
+        report["eval_overlap_dropped"],
+        report["eval_prompts_checked"],
+    )
+    return report
+
+
 @task(name="prune", **STAGE_TASK)
-def prune_task(teacher_dir: str, world: TaskWorldConfig, cfg: PruneConfig, out_dir: str, cache_key: str) -> dict:
-    """Depth-prune the teacher by block influence on training prompts (calibration data)."""
-    train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
-    texts = [r["prompt"] + r["answer"] + END for r in train[: cfg.calibration_samples]]
-    record = prune_depth(Path(teacher_dir), texts, cfg, Path(out_dir))
+def prune_task(
+    teacher_dir: str,
+    calibration: str,
+    cfg: PruneConfig,
+    out_dir: str,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    cache_key: str,
+) -> dict:
+    """Depth-prune the teacher by block influence on the calibration texts."""
+    texts = [r["text"] for r in read_jsonl(Path(calibration))]
+    record = prune_depth(Path(teacher_dir), texts, cfg, Path(out_dir), device, dtype, trust_remote_code)
     get_run_logger().info("kept layers %s of %d", record["kept_layers"], len(record["scores"]))
     return {"path": out_dir, **record}
 
 
 @task(name="generate", **STAGE_TASK)
-def generate_task(teacher_dir: str, world: TaskWorldConfig, cfg: GenerateConfig, run_dir: str, cache_key: str) -> dict:
+def generate_task(
+    teacher_dir: str, prompts: str, cfg: GenerateConfig, run_dir: str, trust_remote_code: bool, cache_key: str
+) -> dict:
     """Serve the teacher with vLLM, complete every training prompt, keep top-k log-probs."""
-    train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    rows = read_jsonl(Path(prompts))
     out = Path(run_dir)
     logger = get_run_logger()
     server = VLLMServer(
@@ -92,13 +130,14 @@ def generate_task(teacher_dir: str, world: TaskWorldConfig, cfg: GenerateConfig,
         max_logprobs=cfg.top_k,
         kv_cache_gib=cfg.kv_cache_gib,
         startup_timeout_s=cfg.startup_timeout_s,
+        extra_args=["--trust-remote-code"] if trust_remote_code else None,
     )
     with server:
         logger.info("vLLM server ready at %s", server.base_url)
         stats = generate_with_logprobs(
             server.base_url,
             server.served_name,
-            train,
+            rows,
             cfg,
             out / "data",
             out / "logits",
@@ -116,6 +155,7 @@ def distill_task(
     cfg: DistillConfig,
     out_dir: str,
     use_teacher_logits: bool,
+    device: str,
     cache_key: str,
 ) -> dict:
     """Train the pruned student: KD on teacher top-k + CE, or CE only (SFT baseline)."""
@@ -128,13 +168,25 @@ def distill_task(
         Path(out_dir),
         use_teacher_logits=use_teacher_logits,
         progress=_progress(f"distill-{label}", f"distill ({label})"),
+        device=device,
     )
     return {"path": out_dir, **metrics}
 
 
 @task(name="evaluate", **STAGE_TASK)
-def evaluate_task(model_dir: str, tasks_dir: str, cfg: EvaluateConfig, label: str, cache_key: str) -> dict:
-    """lm-eval exact match of one checkpoint on the held-out task world."""
-    result = evaluate_checkpoint(Path(model_dir), Path(tasks_dir), cfg)
-    get_run_logger().info("%s: exact_match %.4f on %s examples", label, result["score"], result["n"])
+def evaluate_task(
+    model_dir: str,
+    tasks_dir: str,
+    cfg: EvaluateConfig,
+    label: str,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    cache_key: str,
+) -> dict:
+    """lm-eval of one checkpoint on every configured task."""
+    result = evaluate_checkpoint(Path(model_dir), cfg, Path(tasks_dir), device, dtype, trust_remote_code)
+    for task_name, metrics in result["scores"].items():
+        shown = ", ".join(f"{m} {v['value']:.4f}" for m, v in metrics.items())
+        get_run_logger().info("%s: %s: %s", label, task_name, shown)
     return {"path": model_dir, "label": label, **result}

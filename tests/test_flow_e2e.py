@@ -30,6 +30,7 @@ def _config(tmp_path, teacher_dir) -> PipelineConfig:
 def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home):
     require_vllm()
     from flows.compress import compress_pipeline
+    from flows.plan import cache_status, preflight
 
     cfg = _config(tmp_path, tiny_model_dir)
     result = compress_pipeline(cfg)
@@ -38,14 +39,16 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
     assert summary == result.summary
     assert summary["metric"] == "exact_match"
     assert tuple(summary["models"]) == MODELS
+    assert summary["headline"] == {"task": "taskworld", "metric": "exact_match"}
     for m in summary["models"].values():
         assert m["params"] > 0 and 0.0 <= m["score"] <= 1.0
+        assert m["score"] == m["scores"]["taskworld"]["exact_match"]["value"]
     assert summary["models"]["pruned"]["params"] < summary["models"]["teacher"]["params"]
     assert summary["models"]["student"]["params"] == summary["models"]["pruned"]["params"]
     assert all(s["cached"] is False for s in summary["stages"].values())
 
     manifest = json.loads((run / "manifest.json").read_text())
-    for stage in ("prune", "generate", "distill_student", "distill_sft", "evaluate_teacher"):
+    for stage in ("prepare", "prune", "generate", "distill_student", "distill_sft", "evaluate_teacher"):
         rec = manifest["stages"][stage]
         assert rec["config_hash"] and rec["inputs"] and rec["packages"]["torch"]
     assert len(manifest["stages"]["generate"]["outputs"]["logits"]) == 64
@@ -62,6 +65,10 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
     ):
         assert (run / path).exists(), path
 
+    # `plan` predicts the cache from the manifest: every stage a hit now.
+    status = dict(cache_status(cfg, preflight(cfg, full=False)))
+    assert set(status.values()) == {"cache hit"} and len(status) == len(summary["stages"]), status
+
     # Unchanged re-run: every stage is a cache hit, results identical.
     again = compress_pipeline(cfg).summary
     assert all(s["cached"] for s in again["stages"].values()), again["stages"]
@@ -70,6 +77,9 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
     # A change to distill re-runs distill and what follows, not prune or generate.
     changed = cfg.model_copy(deep=True)
     changed.distill.train.max_steps = 5
+    status = dict(cache_status(changed, preflight(changed, full=False)))
+    assert status["prepare"] == status["prune"] == status["generate"] == status["evaluate_teacher"] == "cache hit"
+    assert status["distill_student"] == status["evaluate_student"] == "will run"
     stages = compress_pipeline(changed).summary["stages"]
     assert stages["prune"]["cached"] and stages["generate"]["cached"] and stages["evaluate_teacher"]["cached"]
     assert not stages["distill_student"]["cached"] and not stages["evaluate_student"]["cached"]

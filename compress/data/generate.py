@@ -1,10 +1,12 @@
 """Synthetic data from a vLLM-served teacher: completions plus top-k teacher log-probs per token.
 
 Prompts go to the OpenAI-compatible ``/v1/completions`` endpoint in batches (a list of prompts per
-request, several requests in flight). Each request asks for ``logprobs = k`` and
-``return_tokens_as_token_ids`` so that every token comes back as an exact id ("token_id:N"), not a
-decoded string that could collide. Generation stops at the newline, which is kept in the output
-(``include_stop_str_in_output``) because the student must learn to end its answer.
+request, several requests in flight), as token ids when the data stage tokenized them. Each request
+asks for ``logprobs = k`` and ``return_tokens_as_token_ids`` so that every token comes back as an
+exact id ("token_id:N"), not a decoded string that could collide. Generation stops at
+``generate.stop`` (the task world's newline), which is kept in the output
+(``include_stop_str_in_output``) because the student must learn to end its answer; with no stop
+strings it ends at the model's EOS token, which is kept too.
 
 Output layout (inside the run directory):
   data/train.jsonl      one row per prompt: id, task, prompt, answer, completion, token_ids, offset, n_tokens
@@ -26,7 +28,7 @@ import httpx
 import numpy as np
 
 from compress.config import GenerateConfig
-from compress.data.taskworld import END, write_jsonl
+from compress.data.taskworld import write_jsonl
 from compress.lineage import write_json
 
 Progress = Callable[[float, str], None]
@@ -84,7 +86,7 @@ async def _complete(
 
 
 async def _generate_all(
-    base_url: str, model: str, prompts: list[str], cfg: GenerateConfig, progress: Progress | None
+    base_url: str, model: str, prompts: list[str] | list[list[int]], cfg: GenerateConfig, progress: Progress | None
 ) -> list[dict[str, Any]]:
     url = f"{base_url}/v1/completions"
     batches = [prompts[i : i + cfg.prompts_per_request] for i in range(0, len(prompts), cfg.prompts_per_request)]
@@ -92,7 +94,7 @@ async def _generate_all(
     sem = asyncio.Semaphore(cfg.concurrency)
     done = 0
 
-    async def run(i: int, batch: list[str], client: httpx.AsyncClient) -> None:
+    async def run(i: int, batch: list, client: httpx.AsyncClient) -> None:
         nonlocal done
         body = {
             "model": model,
@@ -100,8 +102,8 @@ async def _generate_all(
             "max_tokens": cfg.max_tokens,
             "temperature": cfg.temperature,
             "logprobs": cfg.top_k,
-            "stop": [END],
-            "include_stop_str_in_output": True,
+            "stop": cfg.stop,
+            "include_stop_str_in_output": bool(cfg.stop),
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
         }
@@ -133,7 +135,10 @@ def generate_with_logprobs(
     the reference answer (the teacher's own accuracy on the training prompts).
     """
     t0 = time.time()
-    choices = asyncio.run(_generate_all(base_url, served_name, [r["prompt"] for r in rows], cfg, progress))
+    # Token ids when the data stage tokenized the prompts: the teacher then sees exactly the tokens
+    # the student trains on (no second tokenization, no doubled BOS).
+    prompts = [r["prompt_ids"] if r.get("prompt_ids") else r["prompt"] for r in rows]
+    choices = asyncio.run(_generate_all(base_url, served_name, prompts, cfg, progress))
     out_rows, all_ids, all_lps = [], [], []
     offset = 0
     for row, choice in zip(rows, choices, strict=True):
@@ -151,11 +156,12 @@ def generate_with_logprobs(
     write_json(logits_dir / "meta.json", {"k": cfg.top_k, "rows": len(out_rows), "tokens": offset})
     write_jsonl(out_rows, Path(data_dir) / "train.jsonl")
     seconds = time.time() - t0
-    correct = sum(r["completion"].removesuffix(END) == r["answer"] for r in out_rows)
+    with_answer = [r for r in out_rows if r.get("answer") is not None]
+    correct = sum(r["completion"].strip() == r["answer"].strip() for r in with_answer)
     return {
         "rows": len(out_rows),
         "tokens": offset,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(offset / seconds, 1) if seconds else None,
-        "teacher_train_exact_match": correct / max(1, len(out_rows)),
+        "teacher_train_exact_match": correct / len(with_answer) if with_answer else None,
     }

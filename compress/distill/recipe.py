@@ -20,6 +20,7 @@ def distill_student(
     out_dir: Path,
     use_teacher_logits: bool = True,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Fine-tune ``student_dir`` on ``data_dir`` (teacher top-k in ``logits_dir``) into ``out_dir``.
 
@@ -31,7 +32,7 @@ def distill_student(
     if not examples:
         raise ValueError(f"{data_dir}/train.jsonl has no usable rows (every completion is empty)")
     k = (read_json(Path(logits_dir) / "meta.json") or {}).get("k")
-    model = load_model(student_dir)
+    model = load_model(student_dir, device=device)  # float32 master weights, whatever the checkpoint's dtype
     metrics = train_causal_lm(
         student_dir,
         examples,
@@ -44,5 +45,6 @@ def distill_student(
         progress=progress,
         model=model,
         tokenizer=tokenizer,
+        device=device,
     )
     return metrics | {"params": count_params(model), "examples": len(examples), "kd": use_teacher_logits}

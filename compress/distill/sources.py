@@ -28,7 +28,7 @@ def load_cached_examples(
     for row in read_jsonl(data_dir / "train.jsonl"):
         if row["n_tokens"] == 0:
             continue
-        ex = encode_example(tokenizer, row["prompt"], row["token_ids"])
+        ex = encode_example(tokenizer, row["prompt"], row["token_ids"], row.get("prompt_ids"))
         if with_teacher:
             sl = slice(row["offset"], row["offset"] + row["n_tokens"])
             ex["teacher_ids"] = np.array(ids[sl])

@@ -30,9 +30,15 @@ from compress.models import load_model, load_tokenizer, save_checkpoint
 Progress = Callable[[float, str], None]
 
 
-def encode_example(tokenizer, prompt: str, completion_ids: Sequence[int]) -> dict[str, list[int]]:
-    """``input_ids`` = prompt ids + completion ids; ``labels`` mask the prompt with -100."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def encode_example(
+    tokenizer, prompt: str, completion_ids: Sequence[int], prompt_ids: Sequence[int] | None = None
+) -> dict[str, list[int]]:
+    """``input_ids`` = prompt ids + completion ids; ``labels`` mask the prompt with -100.
+
+    ``prompt_ids`` are used as given when the data stage tokenized the prompt already.
+    """
+    if prompt_ids is None:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return {
         "input_ids": list(prompt_ids) + list(completion_ids),
         "labels": [-100] * len(prompt_ids) + list(completion_ids),
@@ -78,6 +84,14 @@ def make_collator(pad_id: int, top_k: int | None):
         return out
 
     return collate
+
+
+def _pad_id(tokenizer) -> int:
+    """The pad id, or EOS for tokenizers that have none (padding is masked out of the loss)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    return pad
 
 
 class KDTrainer(Trainer):
@@ -128,8 +142,12 @@ def train_causal_lm(
     progress: Progress | None = None,
     model=None,
     tokenizer=None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train the checkpoint at ``init_dir`` (or the given ``model``) and save it to ``out_dir``.
+    """Train the checkpoint at ``init_dir`` (or the given ``model``) on ``device``; save it to ``out_dir``.
+
+    Weights stay float32; on a GPU with bf16 support the forward runs in bf16 autocast (Trainer's
+    ``bf16``), the usual mixed-precision recipe.
 
     ``examples`` are dicts from ``encode_example`` plus, for KD, ``teacher_ids``/``teacher_logprobs``
     (``[n_completion_tokens, k]``). Returns the training metrics (final loss, steps, seconds).
@@ -150,7 +168,8 @@ def train_causal_lm(
         logging_steps=log_every,
         save_strategy="no",
         report_to=[],
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
+        bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
         seed=train.seed,
         data_seed=train.seed,
         dataloader_num_workers=0,
@@ -161,7 +180,7 @@ def train_causal_lm(
         model=model,
         args=args,
         train_dataset=ListDataset(examples),
-        data_collator=make_collator(tokenizer.pad_token_id, top_k if kd_weight > 0 else None),
+        data_collator=make_collator(_pad_id(tokenizer), top_k if kd_weight > 0 else None),
         callbacks=[_ProgressCallback(progress, log_every)] if progress else None,
         kd_weight=kd_weight,
         temperature=temperature,

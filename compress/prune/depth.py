@@ -15,7 +15,7 @@ import torch
 
 from compress.config import PruneConfig
 from compress.lineage import write_json
-from compress.models import count_params, load_model, load_tokenizer, save_checkpoint
+from compress.models import count_params, load_model, load_tokenizer, save_checkpoint, torch_dtype
 from compress.prune.importance import block_influence, decoder_layers
 
 
@@ -45,20 +45,31 @@ def drop_layers(model, keep: list[int]):
     return model
 
 
-def prune_depth(teacher_dir: Path, calibration_texts: list[str], cfg: PruneConfig, out_dir: Path) -> dict[str, Any]:
+def prune_depth(
+    teacher_dir: Path,
+    calibration_texts: list[str],
+    cfg: PruneConfig,
+    out_dir: Path,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """Score layers on ``calibration_texts``, drop the least important, save to ``out_dir``.
 
-    Writes ``importance.json`` beside the checkpoint and returns the pruning record (scores, kept
-    layers, parameter counts, seconds).
+    The teacher is loaded in ``dtype`` on ``device``. Writes ``importance.json`` beside the
+    checkpoint and returns the pruning record (scores, kept layers, parameter counts, seconds).
     """
     t0 = time.time()
-    model = load_model(teacher_dir)
-    tokenizer = load_tokenizer(teacher_dir)
+    model = load_model(teacher_dir, torch_dtype(dtype), device, trust_remote_code)
+    tokenizer = load_tokenizer(teacher_dir, trust_remote_code)
     n_layers = len(decoder_layers(model))
     if cfg.target_layers > n_layers:
         raise ValueError(f"prune.target_layers={cfg.target_layers} exceeds the teacher's {n_layers} layers")
     params_before = count_params(model)
-    scores = block_influence(model, tokenizer, calibration_texts, cfg.batch_size)
+    calib_tok = load_tokenizer(teacher_dir, trust_remote_code)  # a copy: the saved tokenizer stays as shipped
+    if calib_tok.pad_token is None:  # many base models ship without one; padding is masked out anyway
+        calib_tok.pad_token = calib_tok.eos_token
+    scores = block_influence(model, calib_tok, calibration_texts, cfg.batch_size, cfg.calibration_seq_len)
     keep = layers_to_keep(scores, cfg.target_layers)
     drop_layers(model, keep)
     save_checkpoint(model, tokenizer, Path(out_dir))
@@ -70,6 +81,7 @@ def prune_depth(teacher_dir: Path, calibration_texts: list[str], cfg: PruneConfi
         "params_before": params_before,
         "params_after": count_params(model),
         "calibration_texts": len(calibration_texts),
+        "device": str(device),
         "seconds": round(time.time() - t0, 2),
     }
     write_json(Path(out_dir).parent / "importance.json", record)

@@ -23,8 +23,13 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 @torch.no_grad()
-def block_influence(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
-    """ShortGPT block influence of every decoder layer (higher = more important)."""
+def block_influence(
+    model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int | None = None
+) -> list[float]:
+    """ShortGPT block influence of every decoder layer (higher = more important).
+
+    Texts longer than ``max_length`` tokens are truncated; inputs go to the model's device.
+    """
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
@@ -44,7 +49,14 @@ def block_influence(model, tokenizer, texts: list[str], batch_size: int = 32) ->
         model.eval()
         tokenizer.padding_side = "right"
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=max_length is not None,
+                max_length=max_length,
+            ).to(model.device)
             state["mask"] = enc["attention_mask"].float()
             count += int(enc["attention_mask"].sum())
             model(**enc)

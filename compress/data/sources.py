@@ -1,0 +1,365 @@
+"""Training prompts from the task world and from any ``datasets`` source, mixed, deduplicated, decontaminated.
+
+A source is read with ``datasets.load_dataset`` (local JSONL/Parquet/CSV/Arrow files or directories,
+or a hub dataset when reachable). Each record becomes a row:
+
+  {"id", "source", "prompt", "prompt_ids", "answer" (or None), "text", ["task"]}
+
+``prompt`` is what the teacher completes: the prompt field as it is, or the chat messages rendered
+with the tokenizer's chat template (``add_generation_prompt=True``); when the messages end with an
+assistant turn, that turn is the reference answer and is not part of the prompt. ``prompt_ids`` are
+its token ids, computed once here so that the teacher (vLLM), the student (training) and the
+calibration pass see the same tokens. ``text`` is the bare question (the prompt field, or the last
+user turn) used to find evaluation prompts in the training data.
+
+Bad input is a ``DataError``: one line naming the file or the field, raised before any model loads.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from compress.config import ConfigError, DataConfig, DatasetSource, TaskWorldConfig, TaskWorldSource
+from compress.data.taskworld import END, make_splits
+
+LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text"}
+JSON_LINE_SUFFIXES = {".jsonl", ".ndjson"}
+# GPT-3's decontamination rule: a training text that shares a 13-word n-gram with an evaluation text.
+NGRAM = 13
+
+
+class DataError(ConfigError):
+    """A data source that cannot be used: one line naming the file, the field or the record."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def local_files(src: DatasetSource, base: Path | None = None) -> list[Path]:
+    """The local files a source reads (empty for a hub dataset); a missing file is a DataError."""
+    base = base or Path.cwd()
+    patterns = src.data_files if isinstance(src.data_files, list) else [src.data_files] if src.data_files else []
+    if src.path not in LOCAL_BUILDERS:
+        p = Path(src.path).expanduser()
+        if p.is_file():
+            return [p]
+        if p.is_dir():
+            return sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not patterns:
+            return []  # a hub dataset id
+    if src.path in LOCAL_BUILDERS and not patterns:
+        raise DataError(f"data source '{src.path}': a builder path needs data_files")
+    files: list[Path] = []
+    for pat in patterns:
+        full = pat if Path(pat).is_absolute() else str(base / pat)
+        found = sorted(Path(f) for f in glob.glob(full, recursive=True))
+        if not found:
+            raise DataError(f"{pat}: data file not found")
+        files += found
+    return files
+
+
+def check_json_lines(path: Path) -> int:
+    """Check that a JSONL file is UTF-8 JSON, one object per line; return the record count.
+
+    ``datasets`` reports these faults as pyarrow errors without the line; this names it.
+    """
+    n = 0
+    with Path(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            n += 1
+    if n == 0:
+        raise DataError(f"{path}: empty file (no records)")
+    return n
+
+
+def _check_files(files: list[Path]) -> None:
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: empty file (no records)")
+        if f.suffix in JSON_LINE_SUFFIXES or (f.suffix == ".json" and _first_byte(f) == b"{"):
+            check_json_lines(f)
+
+
+def _first_byte(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(1)
+
+
+def read_source(src: DatasetSource, head: int | None = None, where: str = "data.sources") -> list[dict[str, Any]]:
+    """Records of a source: all of them, or the first ``head`` (streamed, nothing cached).
+
+    Local files are checked line by line first (UTF-8, JSON, not empty) so that a fault names its
+    file and line; then ``datasets`` reads them.
+    """
+    files = local_files(src)
+    _check_files(files)
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    kwargs: dict[str, Any] = {"split": src.split}
+    if src.name:
+        kwargs["name"] = src.name
+    if src.revision:
+        kwargs["revision"] = src.revision
+    if src.data_files:
+        kwargs["data_files"] = src.data_files
+    try:
+        if head is not None:
+            ds = datasets.load_dataset(src.path, streaming=True, **kwargs)
+            return [dict(r) for r in ds.take(head)]
+        ds = datasets.load_dataset(src.path, **kwargs)
+        return [dict(r) for r in ds]
+    except DataError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{where}: cannot read '{src.label}' (split {src.split!r}): {first}") from None
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+
+def check_records(src: DatasetSource, records: list[dict[str, Any]], where: str) -> None:
+    """Every record has the named fields, of the right shape; otherwise one line naming them."""
+    if not records:
+        raise DataError(f"{where}: '{src.label}' split {src.split!r} has no records")
+    fields = [f for f in (src.prompt_field, src.answer_field, src.messages_field) if f]
+    for i, rec in enumerate(records):
+        for f in fields:
+            if f not in rec:
+                known = ", ".join(sorted(rec)) or "none"
+                attr = next(a for a in ("prompt_field", "answer_field", "messages_field") if getattr(src, a) == f)
+                raise DataError(f"{where}.{attr}: no field '{f}' in '{src.label}' record {i} (fields: {known})")
+        if src.prompt_field and not isinstance(rec[src.prompt_field], str):
+            raise DataError(f"{where}.prompt_field: '{src.label}' record {i}: '{src.prompt_field}' is not a string")
+        if src.messages_field:
+            problem = _messages_problem(rec[src.messages_field])
+            if problem:
+                raise DataError(f"{where}.messages_field: '{src.label}' record {i}: {problem}")
+
+
+def _messages_problem(msgs: Any) -> str | None:
+    if not isinstance(msgs, list) or not msgs:
+        return "messages must be a non-empty list of {role, content} objects"
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {j} must be an object with string 'role' and 'content'"
+        if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
+            return f"message {j} has unknown role {m['role']!r}"
+    if not any(m["role"] == "user" for m in msgs):
+        return "no user message"
+    return None
+
+
+def check_chat_template(tokenizer, where: str) -> None:
+    """A messages source needs a tokenizer with a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}.messages_field: the teacher's tokenizer has no chat template to render messages")
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def render_records(src: DatasetSource, records: list[dict[str, Any]], tokenizer, index: int) -> list[dict[str, Any]]:
+    """Rows (prompt, prompt_ids, answer, text) of a dataset source's records."""
+    rows = []
+    for i, rec in enumerate(records):
+        if src.messages_field:
+            msgs = [{"role": m["role"], "content": m["content"]} for m in rec[src.messages_field]]
+            answer = msgs.pop()["content"] if msgs[-1]["role"] == "assistant" and len(msgs) > 1 else None
+            prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            # The template writes BOS and the other specials itself: do not add them twice.
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            text = next(m["content"] for m in reversed(msgs) if m["role"] == "user")
+        else:
+            prompt = rec[src.prompt_field]
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            a = rec.get(src.answer_field) if src.answer_field else None
+            answer = None if a is None else str(a)
+            text = prompt
+        rows.append(
+            {
+                "id": f"s{index}-{i}",
+                "source": src.label,
+                "prompt": prompt,
+                "prompt_ids": ids,
+                "answer": answer,
+                "text": text,
+            }
+        )
+    return rows
+
+
+def taskworld_rows(src: TaskWorldSource, world: TaskWorldConfig, tokenizer) -> list[dict[str, Any]]:
+    """The task world's training split (in its own order) as rows."""
+    train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    rows = []
+    for r in train[: src.limit]:
+        ids = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        rows.append(r | {"source": "taskworld", "prompt_ids": ids, "text": r["prompt"]})
+    return rows
+
+
+def calibration_text(row: dict[str, Any]) -> str:
+    """Prompt and reference answer as one text (the task world's answers end with its newline)."""
+    answer = row.get("answer") or ""
+    return row["prompt"] + answer + (END if row.get("task") and answer else "")
+
+
+# ---------------------------------------------------------------------------------------------- mixing
+
+
+def normalize(text: str) -> str:
+    """Lower case, single spaces: the form in which training and evaluation prompts are compared."""
+    return " ".join(text.lower().split())
+
+
+def _ngrams(words: list[str]) -> Iterable[tuple[str, ...]]:
+    return (tuple(words[i : i + NGRAM]) for i in range(len(words) - NGRAM + 1))
+
+
+class EvalIndex:
+    """Evaluation prompts, for finding them in training data: exact (normalised) or a shared 13-gram."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.exact: set[str] = set()
+        self.grams: set[tuple[str, ...]] = set()
+        for t in texts:
+            n = normalize(t)
+            self.exact.add(n)
+            self.grams.update(_ngrams(n.split()))
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    def contains(self, text: str) -> bool:
+        """True when ``text`` is an evaluation prompt or shares a 13-word n-gram with one."""
+        n = normalize(text)
+        return n in self.exact or any(g in self.grams for g in _ngrams(n.split()))
+
+
+def _quotas(total: int, weights: list[float]) -> list[int]:
+    """Split ``total`` by weight (largest remainders), so the quotas add up exactly."""
+    raw = [total * w / sum(weights) for w in weights]
+    quotas = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - quotas[i], reverse=True)[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def mix_sources(
+    per_source: list[list[dict[str, Any]]], cfg: DataConfig, eval_index: EvalIndex | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Deduplicate, drop evaluation prompts, take each source's share; return (rows, per-source stats)."""
+    seen: set[str] = set()
+    kept_per_source: list[list[dict[str, Any]]] = []
+    stats = []
+    for src, rows in zip(cfg.sources, per_source, strict=True):
+        kept, dup, overlap = [], 0, 0
+        for r in rows:
+            if cfg.dedup and r["prompt"] in seen:
+                dup += 1
+                continue
+            seen.add(r["prompt"])
+            if eval_index is not None and eval_index.contains(r["text"]):
+                overlap += 1
+                continue
+            kept.append(r)
+        kept_per_source.append(kept)
+        label = "taskworld" if isinstance(src, TaskWorldSource) else src.label
+        stats.append({"source": label, "read": len(rows), "duplicates_dropped": dup, "eval_overlap_dropped": overlap})
+    if cfg.num_samples is None:
+        chosen = kept_per_source
+    else:
+        rng = random.Random(cfg.seed)
+        quotas = _quotas(cfg.num_samples, [s.weight for s in cfg.sources])
+        chosen = [rng.sample(rows, min(q, len(rows))) for rows, q in zip(kept_per_source, quotas, strict=True)]
+        for st, q in zip(stats, quotas, strict=True):
+            st["quota"] = q
+    out = [r for rows in chosen for r in rows]
+    if len(cfg.sources) > 1:
+        random.Random(cfg.seed).shuffle(out)
+    for st, rows in zip(stats, chosen, strict=True):
+        st["used"] = len(rows)
+    return out, stats
+
+
+def load_rows(
+    src: TaskWorldSource | DatasetSource, index: int, world: TaskWorldConfig, tokenizer, where: str
+) -> list[dict[str, Any]]:
+    """Read, check and render one source into rows."""
+    if isinstance(src, TaskWorldSource):
+        return taskworld_rows(src, world, tokenizer)
+    records = read_source(src, where=where)
+    check_records(src, records, where)
+    if src.messages_field:
+        check_chat_template(tokenizer, where)
+    if src.limit is not None and src.limit < len(records):
+        records = random.Random(src.seed).sample(records, src.limit)
+    return render_records(src, records, tokenizer, index)
+
+
+def prepare_data(
+    cfg: DataConfig,
+    world: TaskWorldConfig,
+    tokenizer,
+    eval_texts: list[str],
+    out_dir: Path,
+    calibration: tuple[TaskWorldSource | DatasetSource | None, int],
+    progress: Callable[[float, str], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``prompts.jsonl`` (training prompts) and ``calibration.jsonl`` into ``out_dir``.
+
+    ``eval_texts`` are the evaluation prompts; with ``cfg.decontaminate`` a training prompt that
+    matches one is dropped. ``calibration`` is (own source or None, sample count): without a
+    source, the first training rows are the calibration texts. Returns the data report, also
+    written as ``data_report.json``.
+    """
+    from compress.data.taskworld import write_jsonl
+    from compress.lineage import write_json
+
+    per_source = []
+    for i, src in enumerate(cfg.sources):
+        per_source.append(load_rows(src, i, world, tokenizer, f"data.sources[{i}]"))
+        if progress:
+            progress((i + 1) / (len(cfg.sources) + 1), f"read source {i}: {len(per_source[-1])} rows")
+    index = EvalIndex(eval_texts) if cfg.decontaminate else None
+    rows, stats = mix_sources(per_source, cfg, index)
+    if not rows:
+        raise DataError("data.sources: no training prompts left after deduplication and decontamination")
+    calib_src, n_calib = calibration
+    calib_rows = rows if calib_src is None else load_rows(calib_src, 0, world, tokenizer, "prune.calibration_source")
+    out_dir = Path(out_dir)
+    write_jsonl(rows, out_dir / "prompts.jsonl")
+    write_jsonl([{"text": calibration_text(r)} for r in calib_rows[:n_calib]], out_dir / "calibration.jsonl")
+    report = {
+        "prompts": len(rows),
+        "duplicates_dropped": sum(s["duplicates_dropped"] for s in stats),
+        "eval_overlap_dropped": sum(s["eval_overlap_dropped"] for s in stats),
+        "eval_prompts_checked": len(index) if index is not None else 0,
+        "calibration_texts": min(n_calib, len(calib_rows)),
+        "sources": stats,
+    }
+    write_json(out_dir / "data_report.json", report)
+    if progress:
+        progress(1.0, f"{len(rows)} prompts")
+    return report

@@ -1,0 +1,154 @@
+"""Which lm-eval tasks a run evaluates, checked before any stage starts.
+
+``evaluate.tasks`` holds lm-eval task, group or tag names; ``taskworld`` stands for the built-in
+held-out split (written as a local task YAML into the run directory); ``evaluate.include_path``
+adds a directory of the user's own task YAMLs. A name lm-eval does not know, or a task whose data
+is neither on disk nor in the datasets cache while the hub is unreachable, is a one-line
+``ConfigError`` naming the task. The check reads task configs only: no dataset is loaded and no
+model either. lm-eval's built-in index (about 4 s to build) is read only when a name is not local.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+from compress.config import TASKWORLD_TASK, ConfigError, EvaluateConfig
+from compress.hub import offline
+
+TASKWORLD_LM_EVAL = "distillflow_taskworld"
+LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text"}
+
+
+def lm_eval_names(cfg: EvaluateConfig) -> list[str]:
+    """``evaluate.tasks`` with ``taskworld`` replaced by its lm-eval task name."""
+    return [TASKWORLD_LM_EVAL if t == TASKWORLD_TASK else t for t in cfg.tasks]
+
+
+def include_paths(cfg: EvaluateConfig, taskworld_dir: Path | None) -> list[str]:
+    """Directories of local task YAMLs: the task world's (when used) and the user's."""
+    paths = [str(Path(taskworld_dir).resolve())] if taskworld_dir and TASKWORLD_TASK in cfg.tasks else []
+    if cfg.include_path is not None:
+        paths.append(str(Path(cfg.include_path).resolve()))
+    return paths
+
+
+def task_manager(cfg: EvaluateConfig, taskworld_dir: Path | None = None, defaults: bool | None = None):
+    """An lm-eval TaskManager over the local YAMLs, plus lm-eval's own tasks when a name needs them."""
+    from lm_eval.tasks import TaskManager
+
+    paths = include_paths(cfg, taskworld_dir)
+    if defaults is None:
+        local = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
+        defaults = any(n not in (local.all_tasks if local else []) for n in user_task_names(cfg))
+        if not defaults and local is not None:
+            return local
+    return TaskManager(include_path=paths or None, include_defaults=defaults)
+
+
+def user_task_names(cfg: EvaluateConfig) -> list[str]:
+    """The task names the user gave (``taskworld`` aside: it is ours and always there)."""
+    return [t for t in cfg.tasks if t != TASKWORLD_TASK]
+
+
+def check_tasks(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """Check every task name and that its data can be reached; return one description per leaf task.
+
+    Raises ``ConfigError`` naming the first task that is unknown or whose data is out of reach.
+    """
+    out: list[dict[str, Any]] = []
+    if TASKWORLD_TASK in cfg.tasks:
+        out.append({"task": TASKWORLD_TASK, "lm_eval": TASKWORLD_LM_EVAL, "data": "built-in held-out split"})
+    names = user_task_names(cfg)
+    if not names:
+        return out
+    tm = task_manager(cfg)
+    index = tm.task_index
+    for name in names:
+        if name not in index:
+            raise ConfigError(f"evaluate.tasks: unknown lm-eval task '{name}'" + _hint(cfg))
+        for leaf in _leaves(index, name):
+            data = _check_data(name, leaf, index[leaf].cfg or {}, index[leaf].yaml_path)
+            out.append({"task": name, "lm_eval": leaf, "data": data})
+    return out
+
+
+def _hint(cfg: EvaluateConfig) -> str:
+    where = f" or in evaluate.include_path '{cfg.include_path}'" if cfg.include_path else ""
+    return f" (not an installed task{where})"
+
+
+def _leaves(index: dict, name: str, seen: set[str] | None = None) -> list[str]:
+    """Leaf task names of a task, group or tag."""
+    from lm_eval.tasks._index import Kind
+
+    seen = seen if seen is not None else set()
+    if name in seen or name not in index:
+        return []
+    seen.add(name)
+    entry = index[name]
+    if entry.kind in (Kind.TASK, Kind.PY_TASK):
+        return [name]
+    if entry.kind == Kind.TAG:
+        members = sorted(entry.tags)
+    else:
+        members = [m if isinstance(m, str) else m.get("task") for m in (entry.cfg or {}).get("task", [])]
+    return [leaf for m in members if isinstance(m, str) for leaf in _leaves(index, m, seen)]
+
+
+def _check_data(task: str, leaf: str, tcfg: dict[str, Any], yaml_path: Path | None) -> str:
+    """Where ``leaf``'s data comes from; ConfigError when it cannot be reached now."""
+    path = tcfg.get("dataset_path")
+    if not path:
+        return "defined in code"
+    kwargs = tcfg.get("dataset_kwargs") or {}
+    if path in LOCAL_BUILDERS or Path(str(path)).exists():
+        files = kwargs.get("data_files")
+        if isinstance(files, dict):
+            files = [f for v in files.values() for f in (v if isinstance(v, list) else [v])]
+        elif isinstance(files, str):
+            files = [files]
+        base = Path(yaml_path).parent if yaml_path else Path.cwd()
+        for f in files or []:
+            if "://" in str(f):
+                continue
+            full = f if Path(f).is_absolute() else str(base / f)
+            if not glob.glob(full) and not Path(f).exists():
+                raise ConfigError(f"evaluate.tasks: task '{leaf}' data file '{f}' not found")
+        return f"local {path}"
+    if offline():
+        _check_cached(task, leaf, str(path), tcfg.get("dataset_name"))
+        return f"hub {path} (cached)"
+    return f"hub {path}"
+
+
+def _check_cached(task: str, leaf: str, path: str, name: str | None) -> None:
+    """With the hub out of reach, the dataset must be in the datasets cache."""
+    import os
+
+    import datasets
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    datasets.logging.set_verbosity_error()
+    try:
+        datasets.load_dataset_builder(path, name)
+    except Exception:
+        which = task if task == leaf else f"{task}' (subtask '{leaf}'"
+        raise ConfigError(
+            f"evaluate.tasks: '{which}' needs dataset '{path}'{f' ({name})' if name else ''}, "
+            "which is not in the local cache, and the hub is unreachable"
+        ) from None
+
+
+def eval_texts(cfg: EvaluateConfig, taskworld_dir: Path | None) -> list[str]:
+    """The prompt text of every evaluation example of every task (for decontaminating training data)."""
+    tm = task_manager(cfg, taskworld_dir)
+    loaded = tm.load(lm_eval_names(cfg))
+    texts: list[str] = []
+    for task in loaded["tasks"].values():
+        for doc in task.eval_docs:
+            text = task.doc_to_text(doc)
+            if isinstance(text, str):
+                texts.append(text)
+    return texts

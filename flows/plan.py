@@ -1,0 +1,251 @@
+"""Everything a run checks before its first stage, the stages' cache keys, and ``distillflow plan``.
+
+``preflight`` resolves the teacher (local directory, or hub id: cache first, then the hub), reads
+its ``config.json``, reads and checks every data source and every evaluation task, and raises a
+one-line ``ConfigError`` naming the field, file or task at the first fault. No weights are loaded
+and Prefect is not imported, so the CLI can run it in seconds before it starts the flow; the flow
+runs it again for callers that come through Python or a deployment.
+
+``StageKeys`` derives every stage's cache key from content: the stage's config, the hashes of its
+inputs and the library source. The flow and ``plan`` share it, so ``plan`` can say which stages
+of an earlier run in the same directory would be cache hits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from compress.config import ConfigError, DatasetSource, PipelineConfig, config_hash
+from compress.hub import ResolvedModel, checkpoint_layout, read_model_config, resolve_model, text_config
+from compress.lineage import read_json, sha256_path, sha256_path_cached, source_hash
+
+log = logging.getLogger("distillflow")
+
+# Fields that change how generation runs, not what it produces: kept out of the cache key.
+GENERATE_RUNTIME_FIELDS = {
+    "vllm_python",
+    "concurrency",
+    "prompts_per_request",
+    "startup_timeout_s",
+    "request_timeout_s",
+}
+HEAD_ROWS = 5
+
+
+@dataclass
+class Preflight:
+    """What the checks found: the teacher on disk, its shape, the data and the evaluation tasks."""
+
+    teacher: ResolvedModel
+    model_config: dict[str, Any]
+    layout: dict[str, Any]
+    data: list[str] = field(default_factory=list)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
+    """Check the whole config against the world; ``full`` reads every data record (run), else the first rows (plan).
+
+    ``full`` also downloads a hub teacher's weights (when the hub is reachable), so that no stage
+    starts on a teacher that is not there.
+    """
+    from compress.hub import go_offline_if_unreachable
+    from evaluation.tasks import check_tasks
+
+    warnings = []
+    if cfg.teacher.trust_remote_code:
+        warnings.append("teacher.trust_remote_code is on: the checkpoint's own Python code will run")
+    if not cfg.teacher.is_local or _needs_hub_datasets(cfg):
+        go_offline_if_unreachable()
+    teacher = resolve_model(cfg.teacher, download=full)
+    model_config = read_model_config(teacher.path)
+    tc = text_config(model_config)
+    if "num_hidden_layers" not in tc:
+        raise ConfigError(f"teacher.path: '{cfg.teacher.path}' config.json has no num_hidden_layers (not a decoder)")
+    if cfg.prune.target_layers > tc["num_hidden_layers"]:
+        raise ConfigError(
+            f"prune.target_layers: {cfg.prune.target_layers} exceeds the teacher's {tc['num_hidden_layers']} layers"
+        )
+    layout = checkpoint_layout(teacher.path, model_config)
+    data = check_data(cfg, teacher, full)
+    tasks = check_tasks(cfg.evaluate)
+    return Preflight(teacher, model_config, layout, data, tasks, warnings)
+
+
+def _needs_hub_datasets(cfg: PipelineConfig) -> bool:
+    from compress.data.sources import local_files
+
+    sources = [s for s in cfg.effective_data().sources if isinstance(s, DatasetSource)]
+    if isinstance(cfg.prune.calibration_source, DatasetSource):
+        sources.append(cfg.prune.calibration_source)
+    return bool(cfg.evaluate.tasks != ["taskworld"]) or any(not local_files(s) for s in sources)
+
+
+def check_data(cfg: PipelineConfig, teacher: ResolvedModel, full: bool) -> list[str]:
+    """Read every dataset source (all records, or the first few) and check its fields; one line each."""
+    from compress.data.sources import check_chat_template, check_records, read_source
+
+    lines = []
+    sources = [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.effective_data().sources)]
+    if cfg.prune.calibration_source is not None:
+        sources.append(("prune.calibration_source", cfg.prune.calibration_source))
+    tokenizer = None
+    for where, src in sources:
+        if not isinstance(src, DatasetSource):
+            w = cfg.taskworld
+            lines.append(f"{where}: task world ({', '.join(w.tasks)}), {w.n_train} training prompts, seed {w.seed}")
+            continue
+        records = read_source(src, head=None if full else HEAD_ROWS, where=where)
+        check_records(src, records, where)
+        if src.messages_field:
+            if tokenizer is None:
+                from compress.models import load_tokenizer
+
+                tokenizer = load_tokenizer(teacher.path, cfg.teacher.trust_remote_code)
+            check_chat_template(tokenizer, where)
+        field_desc = f"messages '{src.messages_field}'" if src.messages_field else f"prompt '{src.prompt_field}'"
+        if src.answer_field:
+            field_desc += f", answer '{src.answer_field}'"
+        count = f"{len(records)} records" if full else f"first {len(records)} records"
+        lines.append(f"{where}: {src.label} [{src.split}], {field_desc}: {count} ok")
+    return lines
+
+
+class StageKeys:
+    """Cache keys of every stage, from content: stage config + input hashes + library source hash."""
+
+    def __init__(self, cfg: PipelineConfig, teacher_id: str, eval_id: str, code: str | None = None):
+        self.cfg, self.teacher_id, self.eval_id = cfg, teacher_id, eval_id
+        self.code = code or source_hash()
+
+    def _key(self, stage: str, *parts: Any) -> str:
+        h = hashlib.sha256(stage.encode())
+        for p in (*parts, self.code):
+            h.update(b"\0" + (config_hash(p) if isinstance(p, BaseModel) else str(p)).encode())
+        return f"distillflow-{stage}-{h.hexdigest()[:32]}"
+
+    def prepare(self) -> str:
+        """Training prompts and calibration texts: data config, tokenizer (teacher), eval sets, calibration."""
+        c = self.cfg
+        world = config_hash(c.taskworld) if c.uses_taskworld else "-"
+        calib = config_hash(c.prune, include={"calibration_samples", "calibration_source"})
+        return self._key("prepare", c.effective_data(), world, calib, self.teacher_id, self.eval_id)
+
+    def prune(self, calibration_sha: str) -> str:
+        c = self.cfg
+        return self._key("prune", c.prune, self.teacher_id, calibration_sha, c.teacher.dtype)
+
+    def generate(self, prompts_sha: str) -> str:
+        gen = config_hash(self.cfg.generate, exclude=GENERATE_RUNTIME_FIELDS)
+        return self._key("generate", gen, self.teacher_id, prompts_sha)
+
+    def distill(self, name: str, use_logits: bool, pruned_sha: str, data_sha: str) -> str:
+        return self._key(f"distill-{name}", self.cfg.distill, use_logits, pruned_sha, data_sha)
+
+    def evaluate(self, name: str, model_sha: str) -> str:
+        ev = self.cfg.evaluate
+        return self._key(f"evaluate-{name}", ev, self.eval_id, model_sha, self.cfg.teacher.dtype)
+
+
+def teacher_identity(cfg: PipelineConfig, teacher: ResolvedModel) -> str:
+    """The teacher's content identity: hub id @ commit, or the sha256 of a local directory."""
+    return teacher.identity or sha256_path_cached(teacher.path, Path(cfg.runs_dir) / ".hashcache.json")
+
+
+def write_eval_tasks(cfg: PipelineConfig, tasks_dir: Path) -> str:
+    """Write the task world's held-out task (when evaluated) into ``tasks_dir``; return the eval sets' identity."""
+    from compress.config import TASKWORLD_TASK
+    from compress.data.taskworld import make_splits
+    from evaluation.harness import write_task
+
+    h = hashlib.sha256()
+    if TASKWORLD_TASK in cfg.evaluate.tasks:
+        w = cfg.taskworld
+        _, heldout = make_splits(w.tasks, w.n_train, w.n_heldout, w.seed)
+        yaml_path = write_task(heldout, tasks_dir, cfg.evaluate.max_gen_toks)
+        h.update(sha256_path(yaml_path.parent / "heldout.jsonl").encode())
+    if cfg.evaluate.include_path is not None:
+        h.update(sha256_path(cfg.evaluate.include_path).encode())
+    return h.hexdigest()
+
+
+def expected_student(cfg: PipelineConfig, pf: Preflight) -> dict[str, Any]:
+    """Parameters the pruned student will have: the teacher less its mean layer size per dropped layer."""
+    layers = pf.layout["layer_params"]
+    drop = len(layers) - cfg.prune.target_layers
+    per_layer = sum(layers) / max(1, len(layers))
+    params = int(pf.layout["params"] - drop * per_layer)
+    return {"layers": cfg.prune.target_layers, "params": params, "ratio": params / pf.layout["params"]}
+
+
+def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
+    """(stage, status) per stage, predicted from ``manifest.json`` of the run directory."""
+    manifest = read_json(cfg.run_dir / "manifest.json", default={}).get("stages", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        eval_id = write_eval_tasks(cfg, Path(tmp))
+    keys = StageKeys(cfg, teacher_identity(cfg, pf.teacher), eval_id)
+    students = ["student"] + (["sft"] if cfg.distill.sft_baseline else [])
+    out: list[tuple[str, str]] = []
+    upstream_ok = True
+
+    def check(stage: str, key: str | None) -> dict[str, str] | None:
+        nonlocal upstream_ok
+        rec = manifest.get(stage)
+        hit = upstream_ok and key is not None and rec is not None and rec.get("cache_key") == key
+        out.append((stage, "cache hit" if hit else "will run"))
+        upstream_ok = upstream_ok and hit
+        return rec["outputs"] if hit else None
+
+    prep = check("prepare", keys.prepare())
+    pruned = check("prune", keys.prune(prep["calibration"]) if prep else None)
+    gen = check("generate", keys.generate(prep["prompts"]) if prep else None)
+    model_shas = {"teacher": keys.teacher_id, "pruned": (pruned or {}).get("pruned")}
+    data_sha = gen["data"] + gen["logits"] if gen else None
+    pre_distill = upstream_ok
+    for name in students:
+        upstream_ok = pre_distill
+        done = check(
+            f"distill_{name}",
+            keys.distill(name, name == "student", model_shas["pruned"], data_sha) if data_sha else None,
+        )
+        model_shas[name] = (done or {}).get(name)
+    for name in ("teacher", "pruned", *students):
+        upstream_ok = model_shas.get(name) is not None
+        check(f"evaluate_{name}", keys.evaluate(name, model_shas[name]) if upstream_ok else None)
+    return out
+
+
+def describe(cfg: PipelineConfig, source: str, pf: Preflight) -> str:
+    """The plan as text: config, teacher, data, evaluation, student size, device and stages."""
+    tc = text_config(pf.model_config)
+    arch = ",".join(pf.model_config.get("architectures") or [tc.get("model_type", "?")])
+    where = f"hub {pf.teacher.hub_id}@{pf.teacher.commit[:12]}" if pf.teacher.hub_id else "local"
+    exact = "" if pf.layout["exact"] else " (estimated from config.json)"
+    student = expected_student(cfg, pf)
+    lines = [
+        f"config    {source}: valid",
+        f"teacher   {cfg.teacher.path} ({where}): {arch}, {tc['num_hidden_layers']} layers, "
+        f"hidden {tc['hidden_size']}, {pf.layout['params']:,} params{exact}",
+        f"student   depth pruning to {student['layers']} layers: ~{student['params']:,} params "
+        f"({student['ratio']:.1%} of the teacher)",
+        f"device    {cfg.device}",
+        "data",
+        *(f"  {line}" for line in pf.data),
+        "evaluate",
+        *(
+            f"  {t['task']}" + (f" -> {t['lm_eval']}" if t["lm_eval"] != t["task"] else "") + f": {t['data']}"
+            for t in pf.tasks
+        ),
+        f"stages    (run directory {cfg.run_dir})",
+        *(f"  {stage:<20}{status}" for stage, status in cache_status(cfg, pf)),
+    ]
+    lines += [f"warning   {w}" for w in pf.warnings]
+    return "\n".join(lines)
