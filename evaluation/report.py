@@ -157,15 +157,16 @@ def plot_scores(summary: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(summary["models"])
-    scores = [summary["models"][n]["score"] for n in names]
+    scores = [summary["models"][n].get("score") or 0.0 for n in names]
     params = [summary["models"][n]["params"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar([LABELS.get(n, n) for n in names], scores, color=["#444", "#c66", "#69c", "#3a6"][: len(names)])
     for bar, p in zip(bars, params, strict=True):
         ax.annotate(f"{p / 1e6:.2f}M", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
     ax.set_ylabel(summary["metric"])
-    ax.set_ylim(0, 1.1)
-    ax.set_title("held-out score (label: parameters)")
+    ax.set_ylim(0, max(1.1, 1.1 * max(scores, default=0.0)))  # most metrics are in [0, 1]; some are not
+    head = summary.get("headline") or {}
+    ax.set_title(f"{head.get('task', 'held-out')} score (label: parameters)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -134,9 +134,9 @@ def _check_cached(task: str, leaf: str, path: str, name: str | None) -> None:
     try:
         datasets.load_dataset_builder(path, name)
     except Exception:
-        which = task if task == leaf else f"{task}' (subtask '{leaf}'"
+        which = f"'{task}'" if task == leaf else f"'{task}' (subtask '{leaf}')"
         raise ConfigError(
-            f"evaluate.tasks: '{which}' needs dataset '{path}'{f' ({name})' if name else ''}, "
+            f"evaluate.tasks: {which} needs dataset '{path}'{f' ({name})' if name else ''}, "
             "which is not in the local cache, and the hub is unreachable"
         ) from None
 

@@ -75,6 +75,11 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
             f"prune.target_layers: {cfg.prune.target_layers} exceeds the teacher's {tc['num_hidden_layers']} layers"
         )
     layout = checkpoint_layout(teacher.path, model_config)
+    if cfg.evaluate.apply_chat_template:
+        from compress.models import load_tokenizer
+
+        if not getattr(load_tokenizer(teacher.path, cfg.teacher.trust_remote_code), "chat_template", None):
+            raise ConfigError("evaluate.apply_chat_template: the teacher's tokenizer has no chat template")
     data = check_data(cfg, teacher, full)
     tasks = check_tasks(cfg.evaluate)
     return Preflight(teacher, model_config, layout, data, tasks, warnings)

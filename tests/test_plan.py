@@ -1,0 +1,127 @@
+"""``distillflow plan`` and the teacher lookup: local directories, the Hugging Face cache, offline errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from compress.config import ConfigError, PipelineConfig, TeacherConfig
+from tests.conftest import ROOT
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | (env or {}),
+        timeout=120,
+    )
+
+
+def test_plan_tiny_config():
+    proc = _cli("plan", "configs/tiny.yaml", "--set", "runs_dir=/nonexistent-runs-dir")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "LlamaForCausalLM, 8 layers, hidden 128, 1,586,560 params" in out
+    assert "depth pruning to 4 layers: ~799,104 params (50.4% of the teacher)" in out
+    assert "task world (rev, sort, max, dup, rot), 4000 training prompts" in out
+    assert "taskworld -> distillflow_taskworld" in out
+    for stage in ("prepare", "prune", "generate", "distill_student", "distill_sft", "evaluate_sft"):
+        assert f"{stage}" in out
+    assert "will run" in out and "cache hit" not in out
+
+
+def _fake_hub_cache(cache, repo: str, commit: str, src) -> None:
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    base = cache / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(src, base / "snapshots" / commit)
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_resolves_from_the_local_cache(tmp_path, tiny_model_dir):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _fake_hub_cache(tmp_path / "hub", "distillflow-test/tiny", commit, tiny_model_dir)
+    proc = _cli(
+        "plan",
+        "configs/tiny.yaml",
+        "--set",
+        "teacher.path=distillflow-test/tiny",
+        "--set",
+        f"runs_dir={tmp_path / 'runs'}",
+        env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"distillflow-test/tiny (hub distillflow-test/tiny@{commit[:12]})" in proc.stdout
+    assert "LlamaForCausalLM, 4 layers" in proc.stdout
+
+
+def test_unknown_hub_id_offline_is_one_line():
+    proc = _cli(
+        "plan", "configs/tiny.yaml", "--set", "teacher.path=distillflow-test/absent", env={"HF_HUB_OFFLINE": "1"}
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: teacher.path: 'distillflow-test/absent' is not a local directory, not in the Hugging Face cache, "
+        "and the hub is unreachable"
+    ]
+
+
+def test_local_path_that_does_not_exist_is_not_a_hub_id():
+    with pytest.raises(ValueError, match="no model checkpoint at '/nope/model'"):
+        TeacherConfig(path="/nope/model")
+    with pytest.raises(ValueError, match="no model checkpoint"):
+        TeacherConfig(path="./relative/missing")
+
+
+def test_standard_task_without_cached_data_offline(tmp_path):
+    proc = _cli(
+        "plan",
+        "configs/tiny.yaml",
+        "--set",
+        "evaluate.tasks=[taskworld, arc_easy]",
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line
+    assert "evaluate.tasks: 'arc_easy' needs dataset 'allenai/ai2_arc' (ARC-Easy)" in line
+
+
+def test_chat_template_evaluation_needs_a_template():
+    proc = _cli("plan", "configs/tiny.yaml", "--set", "evaluate.apply_chat_template=true")
+    assert proc.returncode == 2
+    assert "evaluate.apply_chat_template: the teacher's tokenizer has no chat template" in proc.stderr
+
+
+def test_trust_remote_code_warns(tmp_path):
+    proc = _cli("plan", "configs/tiny.yaml", "--set", "teacher.trust_remote_code=true", "--set", f"runs_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: teacher.trust_remote_code is on" in proc.stderr
+
+
+def test_expected_student_size_is_exact_for_depth(tiny_model_dir):
+    """plan's estimate equals what depth pruning really keeps (layers of one shape)."""
+    from compress.models import count_params, load_model
+    from compress.prune.depth import drop_layers
+    from flows.plan import expected_student, preflight
+
+    cfg = PipelineConfig(teacher={"path": tiny_model_dir}, prune={"target_layers": 2})
+    pf = preflight(cfg, full=False)
+    model = load_model(tiny_model_dir)
+    assert pf.layout["exact"] and pf.layout["params"] == count_params(model)
+    drop_layers(model, [0, 3])
+    assert expected_student(cfg, pf)["params"] == count_params(model)
+
+
+def test_data_errors_are_config_errors():
+    """The CLI maps ConfigError to exit code 2; a data fault must be one."""
+    from compress.data.sources import DataError
+
+    assert issubclass(DataError, ConfigError)
