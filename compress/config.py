@@ -87,6 +87,7 @@ class TrainConfig(StrictModel):
     learning_rate: float = Field(default=3e-3, gt=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    bf16: bool = Field(default=False, description="bf16 autocast on GPUs that support it (weights stay fp32).")
     seed: int = 0
 
 
@@ -296,7 +297,9 @@ class PipelineConfig(StrictModel):
     name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: runs/<name>/.")
     runs_dir: Path = Field(default=Path("runs"), description="Parent directory of run directories.")
     device: str = Field(
-        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA where present, else CPU."
+        default="auto",
+        pattern=r"^(auto|cpu|cuda)$",
+        description="auto = CUDA where present, else CPU; pick the GPU with CUDA_VISIBLE_DEVICES.",
     )
     teacher: TeacherConfig
     taskworld: TaskWorldConfig = TaskWorldConfig()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import struct
 from dataclasses import dataclass
 from functools import cache
@@ -21,7 +20,7 @@ from typing import Any
 
 from compress.config import ConfigError, TeacherConfig
 
-HUB_HOST = "huggingface.co"
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,13 @@ def offline() -> bool:
 
 @cache
 def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One TCP connection to the hub (answered once per process)."""
+    """One HTTP request to the hub (``HF_ENDPOINT``, through any proxy in the environment); cached per process."""
+    import httpx
+
     try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
-            return True
-    except OSError:
+        httpx.head(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT), timeout=timeout_s)
+        return True
+    except httpx.HTTPError:
         return False
 
 
@@ -72,7 +73,14 @@ def resolve_model(cfg: TeacherConfig, download: bool) -> ResolvedModel:
     if cfg.is_local:
         return ResolvedModel(Path(cfg.path).resolve())
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = None if download else ["config.json", "*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
     try:
@@ -82,8 +90,16 @@ def resolve_model(cfg: TeacherConfig, download: bool) -> ResolvedModel:
             f"teacher.path: '{cfg.path}' is not a local directory, not in the Hugging Face cache, "
             "and the hub is unreachable"
         ) from None
+    except GatedRepoError:
+        raise ConfigError(
+            f"teacher.path: '{cfg.path}' is gated: accept its licence on the hub and log in (hf auth login)"
+        ) from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"teacher.revision: '{cfg.revision}' not found in '{cfg.path}'") from None
     except (RepositoryNotFoundError, HFValidationError) as e:
         raise ConfigError(f"teacher.path: hub model '{cfg.path}' not found ({type(e).__name__})") from None
+    except HfHubHTTPError as e:
+        raise ConfigError(f"teacher.path: '{cfg.path}': hub error: {str(e).splitlines()[0]}") from None
     snap_path = Path(snap)
     if not (snap_path / "config.json").is_file():
         raise ConfigError(f"teacher.path: '{cfg.path}' has no config.json (is it a model repository?)")

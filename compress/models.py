@@ -40,7 +40,7 @@ def build_llama(arch: ArchConfig, tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` where a GPU is present, else ``cpu``; an explicit CUDA device must exist."""
+    """``auto`` -> ``cuda`` where a GPU is present, else ``cpu``; an explicit ``cuda`` must exist."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -57,6 +57,10 @@ def _preflight(cfg: PipelineConfig, full: bool):
         pf = preflight(cfg, full=full)
     except ConfigError as e:
         _fail(str(e))
+    except Exception as e:
+        if os.environ.get("DISTILLFLOW_DEBUG"):
+            raise
+        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", code=1)
     for w in pf.warnings:
         typer.echo(f"warning: {w}", err=True)
     return pf
@@ -76,8 +80,9 @@ def _run_pipeline(cfg: PipelineConfig) -> dict:
     data = summary.get("data") or {}
     if data:
         typer.echo(
-            f"\ndata: {data['prompts']:,} training prompts; dropped {data['duplicates_dropped']:,} duplicates "
-            f"and {data['eval_overlap_dropped']:,} prompts found in an evaluation set"
+            f"\ndata: {data['prompts']:,} training prompts; dropped {data['duplicates_dropped']:,} duplicates, "
+            f"{data['eval_overlap_dropped']:,} prompts found in an evaluation set and "
+            f"{data.get('too_long_dropped', 0):,} longer than {data.get('max_prompt_tokens')} tokens"
         )
     typer.echo("\nstages:\n" + format_stages(summary))
     hits = sum(s["cached"] for s in summary["stages"].values())

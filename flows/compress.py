@@ -63,7 +63,7 @@ def compress_pipeline(config: PipelineConfig | dict | str = "configs/tiny.yaml")
     teacher_dir = pf.teacher.path
     teacher_sha = teacher_identity(cfg, pf.teacher)
     tasks_dir = run_dir / "eval" / "tasks"
-    keys = StageKeys(cfg, teacher_sha, write_eval_tasks(cfg, tasks_dir), code)
+    keys = StageKeys(cfg, teacher_sha, write_eval_tasks(cfg, tasks_dir), device, code)
     stages: dict[str, dict[str, Any]] = {}
 
     def record(

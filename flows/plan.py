@@ -65,7 +65,8 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
         warnings.append("teacher.trust_remote_code is on: the checkpoint's own Python code will run")
     if not cfg.teacher.is_local or _needs_hub_datasets(cfg):
         go_offline_if_unreachable()
-    teacher = resolve_model(cfg.teacher, download=full)
+    # config.json and the tokenizer first: every check runs before a hub teacher's weights download.
+    teacher = resolve_model(cfg.teacher, download=False)
     model_config = read_model_config(teacher.path)
     tc = text_config(model_config)
     if "num_hidden_layers" not in tc:
@@ -74,52 +75,84 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
         raise ConfigError(
             f"prune.target_layers: {cfg.prune.target_layers} exceeds the teacher's {tc['num_hidden_layers']} layers"
         )
-    layout = checkpoint_layout(teacher.path, model_config)
-    if cfg.evaluate.apply_chat_template:
-        from compress.models import load_tokenizer
-
-        if not getattr(load_tokenizer(teacher.path, cfg.teacher.trust_remote_code), "chat_template", None):
+    needs_template = cfg.evaluate.apply_chat_template or any(
+        getattr(s, "messages_field", None) for s in [*cfg.effective_data().sources, cfg.prune.calibration_source]
+    )
+    if full or needs_template:
+        tokenizer = _tokenizer(cfg, teacher)
+        if cfg.evaluate.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("evaluate.apply_chat_template: the teacher's tokenizer has no chat template")
-    data = check_data(cfg, teacher, full)
+    else:
+        tokenizer = None
+    data = check_data(cfg, tokenizer, full)
     tasks = check_tasks(cfg.evaluate)
+    _check_headline(cfg, tasks)
+    if full and teacher.hub_id:
+        teacher = resolve_model(cfg.teacher, download=True)
+    layout = checkpoint_layout(teacher.path, model_config)
     return Preflight(teacher, model_config, layout, data, tasks, warnings)
 
 
-def _needs_hub_datasets(cfg: PipelineConfig) -> bool:
-    from compress.data.sources import local_files
+def _tokenizer(cfg: PipelineConfig, teacher: ResolvedModel):
+    """The teacher's tokenizer (a one-line ConfigError when it cannot be loaded)."""
+    from compress.models import load_tokenizer
 
-    sources = [s for s in cfg.effective_data().sources if isinstance(s, DatasetSource)]
-    if isinstance(cfg.prune.calibration_source, DatasetSource):
-        sources.append(cfg.prune.calibration_source)
-    return bool(cfg.evaluate.tasks != ["taskworld"]) or any(not local_files(s) for s in sources)
+    try:
+        return load_tokenizer(teacher.path, cfg.teacher.trust_remote_code)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"teacher.path: cannot load the tokenizer from '{teacher.path}': {first}") from None
 
 
-def check_data(cfg: PipelineConfig, teacher: ResolvedModel, full: bool) -> list[str]:
-    """Read every dataset source (all records, or the first few) and check its fields; one line each."""
-    from compress.data.sources import check_chat_template, check_records, read_source
+def _check_headline(cfg: PipelineConfig, tasks: list[dict[str, Any]]) -> None:
+    """``evaluate.headline`` must name an evaluated task (its metric is checked once results exist)."""
+    if not cfg.evaluate.headline:
+        return
+    task, sep, metric = cfg.evaluate.headline.partition("/")
+    names = {t["task"] for t in tasks} | {t["lm_eval"] for t in tasks}
+    if not sep or not metric:
+        raise ConfigError(f"evaluate.headline: '{cfg.evaluate.headline}' must be 'task/metric'")
+    if task not in names:
+        raise ConfigError(f"evaluate.headline: task '{task}' is not in evaluate.tasks")
 
-    lines = []
+
+def _dataset_sources(cfg: PipelineConfig) -> list[tuple[str, Any]]:
     sources = [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.effective_data().sources)]
     if cfg.prune.calibration_source is not None:
         sources.append(("prune.calibration_source", cfg.prune.calibration_source))
-    tokenizer = None
-    for where, src in sources:
+    return sources
+
+
+def _needs_hub_datasets(cfg: PipelineConfig) -> bool:
+    from compress.data.sources import is_local
+
+    hub = [s for _, s in _dataset_sources(cfg) if isinstance(s, DatasetSource) and not is_local(s)]
+    return bool(hub) or any(t != "taskworld" for t in cfg.evaluate.tasks)
+
+
+def check_data(cfg: PipelineConfig, tokenizer, full: bool) -> list[str]:
+    """Read and check every dataset source; one line each.
+
+    ``full`` reads every record of a local source (a bad line anywhere is caught before any stage)
+    and the first rows of a hub dataset (the prepare stage reads the rest); otherwise the first rows.
+    """
+    from compress.data.sources import check_chat_template, check_records, is_local, read_source
+
+    lines = []
+    for where, src in _dataset_sources(cfg):
         if not isinstance(src, DatasetSource):
             w = cfg.taskworld
             lines.append(f"{where}: task world ({', '.join(w.tasks)}), {w.n_train} training prompts, seed {w.seed}")
             continue
-        records = read_source(src, head=None if full else HEAD_ROWS, where=where)
+        whole = full and is_local(src)
+        records = read_source(src, head=None if whole else HEAD_ROWS, where=where)
         check_records(src, records, where)
         if src.messages_field:
-            if tokenizer is None:
-                from compress.models import load_tokenizer
-
-                tokenizer = load_tokenizer(teacher.path, cfg.teacher.trust_remote_code)
             check_chat_template(tokenizer, where)
         field_desc = f"messages '{src.messages_field}'" if src.messages_field else f"prompt '{src.prompt_field}'"
         if src.answer_field:
             field_desc += f", answer '{src.answer_field}'"
-        count = f"{len(records)} records" if full else f"first {len(records)} records"
+        count = f"{len(records)} records" if whole else f"first {len(records)} records"
         lines.append(f"{where}: {src.label} [{src.split}], {field_desc}: {count} ok")
     return lines
 
@@ -127,8 +160,8 @@ def check_data(cfg: PipelineConfig, teacher: ResolvedModel, full: bool) -> list[
 class StageKeys:
     """Cache keys of every stage, from content: stage config + input hashes + library source hash."""
 
-    def __init__(self, cfg: PipelineConfig, teacher_id: str, eval_id: str, code: str | None = None):
-        self.cfg, self.teacher_id, self.eval_id = cfg, teacher_id, eval_id
+    def __init__(self, cfg: PipelineConfig, teacher_id: str, eval_id: str, device: str, code: str | None = None):
+        self.cfg, self.teacher_id, self.eval_id, self.device = cfg, teacher_id, eval_id, device
         self.code = code or source_hash()
 
     def _key(self, stage: str, *parts: Any) -> str:
@@ -138,26 +171,30 @@ class StageKeys:
         return f"distillflow-{stage}-{h.hexdigest()[:32]}"
 
     def prepare(self) -> str:
-        """Training prompts and calibration texts: data config, tokenizer (teacher), eval sets, calibration."""
+        """Training prompts and calibration texts: data config and content, tokenizer (teacher), eval sets."""
+        from compress.data.sources import source_fingerprint
+
         c = self.cfg
         world = config_hash(c.taskworld) if c.uses_taskworld else "-"
         calib = config_hash(c.prune, include={"calibration_samples", "calibration_source"})
-        return self._key("prepare", c.effective_data(), world, calib, self.teacher_id, self.eval_id)
+        content = [source_fingerprint(s) for _, s in _dataset_sources(c) if isinstance(s, DatasetSource)]
+        room = c.generate.max_model_len - c.generate.max_tokens  # the length filter
+        return self._key("prepare", c.effective_data(), world, calib, content, room, self.teacher_id, self.eval_id)
 
     def prune(self, calibration_sha: str) -> str:
         c = self.cfg
-        return self._key("prune", c.prune, self.teacher_id, calibration_sha, c.teacher.dtype)
+        return self._key("prune", c.prune, self.teacher_id, calibration_sha, c.teacher.dtype, self.device)
 
     def generate(self, prompts_sha: str) -> str:
         gen = config_hash(self.cfg.generate, exclude=GENERATE_RUNTIME_FIELDS)
         return self._key("generate", gen, self.teacher_id, prompts_sha)
 
     def distill(self, name: str, use_logits: bool, pruned_sha: str, data_sha: str) -> str:
-        return self._key(f"distill-{name}", self.cfg.distill, use_logits, pruned_sha, data_sha)
+        return self._key(f"distill-{name}", self.cfg.distill, use_logits, pruned_sha, data_sha, self.device)
 
     def evaluate(self, name: str, model_sha: str) -> str:
-        ev = self.cfg.evaluate
-        return self._key(f"evaluate-{name}", ev, self.eval_id, model_sha, self.cfg.teacher.dtype)
+        ev = config_hash(self.cfg.evaluate, exclude={"headline"})  # the headline is read from results
+        return self._key(f"evaluate-{name}", ev, self.eval_id, model_sha, self.cfg.teacher.dtype, self.device)
 
 
 def teacher_identity(cfg: PipelineConfig, teacher: ResolvedModel) -> str:
@@ -170,8 +207,9 @@ def write_eval_tasks(cfg: PipelineConfig, tasks_dir: Path) -> str:
     from compress.config import TASKWORLD_TASK
     from compress.data.taskworld import make_splits
     from evaluation.harness import write_task
+    from evaluation.tasks import lm_eval_names
 
-    h = hashlib.sha256()
+    h = hashlib.sha256("\0".join(lm_eval_names(cfg.evaluate)).encode())
     if TASKWORLD_TASK in cfg.evaluate.tasks:
         w = cfg.taskworld
         _, heldout = make_splits(w.tasks, w.n_train, w.n_heldout, w.seed)
@@ -196,7 +234,7 @@ def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
     manifest = read_json(cfg.run_dir / "manifest.json", default={}).get("stages", {})
     with tempfile.TemporaryDirectory() as tmp:
         eval_id = write_eval_tasks(cfg, Path(tmp))
-    keys = StageKeys(cfg, teacher_identity(cfg, pf.teacher), eval_id)
+    keys = StageKeys(cfg, teacher_identity(cfg, pf.teacher), eval_id, planned_device(cfg))
     students = ["student"] + (["sft"] if cfg.distill.sft_baseline else [])
     out: list[tuple[str, str]] = []
     upstream_ok = True
@@ -228,6 +266,15 @@ def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
     return out
 
 
+def planned_device(cfg: PipelineConfig) -> str:
+    """The device a run would use, without importing torch (``nvidia-smi`` on the PATH stands for CUDA)."""
+    if cfg.device != "auto":
+        return cfg.device
+    import shutil
+
+    return "cuda" if shutil.which("nvidia-smi") else "cpu"
+
+
 def describe(cfg: PipelineConfig, source: str, pf: Preflight) -> str:
     """The plan as text: config, teacher, data, evaluation, student size, device and stages."""
     tc = text_config(pf.model_config)
@@ -241,7 +288,7 @@ def describe(cfg: PipelineConfig, source: str, pf: Preflight) -> str:
         f"hidden {tc['hidden_size']}, {pf.layout['params']:,} params{exact}",
         f"student   depth pruning to {student['layers']} layers: ~{student['params']:,} params "
         f"({student['ratio']:.1%} of the teacher)",
-        f"device    {cfg.device}",
+        f"device    {cfg.device} ({planned_device(cfg)})",
         "data",
         *(f"  {line}" for line in pf.data),
         "evaluate",

@@ -84,10 +84,14 @@ def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir:
         Path(out_dir),
         (cfg.prune.calibration_source, cfg.prune.calibration_samples),
         progress=_progress("prepare", "prepare"),
+        max_prompt_tokens=cfg.generate.max_model_len - cfg.generate.max_tokens,
     )
     get_run_logger().info(
-        "%d training prompts; dropped %d duplicates and %d that appear in an evaluation set (%d eval prompts checked)",
+        "%d training prompts; dropped %d longer than %d tokens, %d duplicates and %d that appear in an evaluation "
+        "set (%d eval prompts checked)",
         report["prompts"],
+        report["too_long_dropped"],
+        report["max_prompt_tokens"],
         report["duplicates_dropped"],
         report["eval_overlap_dropped"],
         report["eval_prompts_checked"],

@@ -69,7 +69,8 @@ def test_byo_qwen2_chat_data_local_tasks(tmp_path):
     assert summary["data"]["prompts"] == 40
     assert summary["data"]["duplicates_dropped"] == 1
     assert summary["data"]["eval_overlap_dropped"] == 1
-    assert "dropped 1 duplicates and 1 prompts found in an evaluation set" in proc.stdout
+    assert summary["data"]["too_long_dropped"] == 0
+    assert "dropped 1 duplicates, 1 prompts found in an evaluation set and 0 longer than 120 tokens" in proc.stdout
 
     # The teacher saw the chat-rendered prompts, token for token.
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -152,8 +152,9 @@ def test_local_directory_source(tmp_path):
 
 
 def test_missing_data_file(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.jsonl: data file not found"):
-        read_source(DatasetSource(path="json", data_files=str(tmp_path / "nope.jsonl"), prompt_field="q"))
+    with pytest.raises(DataError, match=r"data\.sources\[2\]\.data_files: '.*nope\.jsonl': data file not found"):
+        src = DatasetSource(path="json", data_files=str(tmp_path / "nope.jsonl"), prompt_field="q")
+        read_source(src, where="data.sources[2]")
 
 
 def test_wrong_split_names_the_source(tmp_path):
@@ -186,3 +187,43 @@ def test_taskworld_default_is_the_train_split_as_drawn(tmp_path):
     report = prepare_data(DataConfig(), world, tok, [], tmp_path, (TaskWorldSource(limit=8), 4))
     assert report["prompts"] == len({r["prompt"] for r in train})
     assert len(read_jsonl(tmp_path / "calibration.jsonl")) == 4
+
+
+def test_single_file_as_path(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"q": "x"}, {"q": "y"}])
+    assert [r["q"] for r in read_source(DatasetSource(path=str(f), prompt_field="q"))] == ["x", "y"]
+
+
+def test_directory_skips_marker_files_and_reads_save_to_disk(tmp_path):
+    import datasets
+
+    d = tmp_path / "spark"
+    d.mkdir()
+    datasets.Dataset.from_dict({"q": ["a", "b"]}).to_parquet(str(d / "part-0.parquet"))
+    (d / "_SUCCESS").write_text("")
+    assert [r["q"] for r in read_source(DatasetSource(path=str(d), prompt_field="q"))] == ["a", "b"]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"q": ["c"]})}).save_to_disk(str(saved))
+    assert [r["q"] for r in read_source(DatasetSource(path=str(saved), prompt_field="q"))] == ["c"]
+
+
+def test_split_slice_and_head(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"q": f"p{i}"} for i in range(10)])
+    src = DatasetSource(path="json", data_files=str(f), prompt_field="q", split="train[:3]")
+    assert len(read_source(src)) == 3
+    assert len(read_source(src, head=2)) == 2
+
+
+def test_hub_dataset_data_files_are_not_globbed_locally():
+    from compress.data.sources import is_local, local_files
+
+    src = DatasetSource(path="org/some-dataset", data_files="data/train-*.parquet", prompt_field="q")
+    assert not is_local(src) and local_files(src) == []
+
+
+def test_over_long_prompts_are_dropped_and_counted():
+    rows = _rows(5)
+    rows[2]["prompt_ids"] = list(range(50))
+    cfg = DataConfig(sources=[DatasetSource(path="x", prompt_field="q")])
+    out, stats = mix_sources([rows], cfg, None, max_prompt_tokens=10)
+    assert len(out) == 4 and stats[0]["too_long_dropped"] == 1

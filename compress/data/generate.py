@@ -36,7 +36,11 @@ _ID_PREFIX = "token_id:"
 
 
 class GenerationError(RuntimeError):
-    """A request to the teacher server failed after its retries."""
+    """A request to the teacher server failed after its retries (transient: the stage may retry)."""
+
+
+class RequestRejected(RuntimeError):
+    """The teacher server refused a request (4xx): a retry cannot help."""
 
 
 def _token_id(key: str) -> int:
@@ -75,7 +79,7 @@ async def _complete(
                 raise httpx.HTTPStatusError(f"server error {r.status_code}", request=r.request, response=r)
             if r.status_code != 200:
                 # A 4xx is our request's fault: retrying cannot help.
-                raise GenerationError(f"teacher server rejected the request ({r.status_code}): {r.text[:300]}")
+                raise RequestRejected(f"teacher server rejected the request ({r.status_code}): {r.text[:300]}")
             return sorted(r.json()["choices"], key=lambda c: c["index"])
         except (httpx.TransportError, httpx.HTTPStatusError) as e:
             if attempt == retries:

@@ -40,28 +40,50 @@ class DataError(ConfigError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def local_files(src: DatasetSource, base: Path | None = None) -> list[Path]:
-    """The local files a source reads (empty for a hub dataset); a missing file is a DataError."""
-    base = base or Path.cwd()
+SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
+                   ".arrow": "arrow", ".txt": "text"}  # fmt: skip
+
+
+def is_local(src: DatasetSource) -> bool:
+    """True when the source reads files on this machine (a builder with files, a file, a directory)."""
+    return src.path in LOCAL_BUILDERS or Path(src.path).expanduser().exists()
+
+
+def local_files(src: DatasetSource, base: Path | None = None, where: str = "data.sources") -> list[Path]:
+    """The local files a source reads (empty for a hub dataset); a missing file is a DataError.
+
+    Files ``datasets`` skips in a directory (names starting with ``.`` or ``_``, such as Spark's
+    ``_SUCCESS``) are skipped here too. A ``save_to_disk`` directory is read whole by
+    ``load_from_disk`` and has no files to check.
+    """
+    if not is_local(src):
+        return []  # a hub dataset: its data_files (if any) are paths inside the repository
+    p = Path(src.path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        if _saved_to_disk(p):
+            return []
+        return sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith((".", "_")))
     patterns = src.data_files if isinstance(src.data_files, list) else [src.data_files] if src.data_files else []
-    if src.path not in LOCAL_BUILDERS:
-        p = Path(src.path).expanduser()
-        if p.is_file():
-            return [p]
-        if p.is_dir():
-            return sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        if not patterns:
-            return []  # a hub dataset id
-    if src.path in LOCAL_BUILDERS and not patterns:
-        raise DataError(f"data source '{src.path}': a builder path needs data_files")
+    if not patterns:
+        raise DataError(f"{where}.data_files: builder '{src.path}' needs data_files")
+    base = base or Path.cwd()
     files: list[Path] = []
     for pat in patterns:
+        if "://" in pat:
+            continue  # a URL: datasets fetches it
         full = pat if Path(pat).is_absolute() else str(base / pat)
         found = sorted(Path(f) for f in glob.glob(full, recursive=True))
         if not found:
-            raise DataError(f"{pat}: data file not found")
+            raise DataError(f"{where}.data_files: '{pat}': data file not found")
         files += found
     return files
+
+
+def _saved_to_disk(p: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
 
 
 def check_json_lines(path: Path) -> int:
@@ -103,18 +125,9 @@ def _first_byte(path: Path) -> bytes:
         return fh.read(1)
 
 
-def read_source(src: DatasetSource, head: int | None = None, where: str = "data.sources") -> list[dict[str, Any]]:
-    """Records of a source: all of them, or the first ``head`` (streamed, nothing cached).
-
-    Local files are checked line by line first (UTF-8, JSON, not empty) so that a fault names its
-    file and line; then ``datasets`` reads them.
-    """
-    files = local_files(src)
-    _check_files(files)
-    import datasets
-
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+def _load_args(src: DatasetSource) -> tuple[str, dict[str, Any]]:
+    """``load_dataset`` path and arguments; a single local file becomes its builder plus data_files."""
+    p = Path(src.path).expanduser()
     kwargs: dict[str, Any] = {"split": src.split}
     if src.name:
         kwargs["name"] = src.name
@@ -122,17 +135,65 @@ def read_source(src: DatasetSource, head: int | None = None, where: str = "data.
         kwargs["revision"] = src.revision
     if src.data_files:
         kwargs["data_files"] = src.data_files
+    if p.is_file():
+        builder = SUFFIX_BUILDERS.get(p.suffix)
+        if builder is None:
+            raise DataError(
+                f"{src.path}: unknown file type '{p.suffix}' (use path: json|parquet|csv|arrow + data_files)"
+            )
+        return builder, kwargs | {"data_files": str(p.resolve())}
+    return src.path, kwargs
+
+
+def read_source(src: DatasetSource, head: int | None = None, where: str = "data.sources") -> list[dict[str, Any]]:
+    """Records of a source: the first ``head`` (streamed, nothing cached), or all (``limit`` applied).
+
+    Local files are checked line by line first (UTF-8, JSON, not empty) so that a fault names its
+    file and line; then ``datasets`` reads them. ``limit`` is a seeded sample taken on the Arrow
+    table, so a large source is never turned into Python objects whole.
+    """
+    files = local_files(src, where=where)
+    _check_files(files)
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    path, kwargs = _load_args(src)
     try:
+        if Path(path).is_dir() and _saved_to_disk(Path(path)):
+            ds = datasets.load_from_disk(path)
+            ds = ds[kwargs["split"]] if isinstance(ds, datasets.DatasetDict) else ds
+            return [dict(r) for r in (ds.select(range(min(head, len(ds)))) if head else _limited(ds, src))]
         if head is not None:
-            ds = datasets.load_dataset(src.path, streaming=True, **kwargs)
-            return [dict(r) for r in ds.take(head)]
-        ds = datasets.load_dataset(src.path, **kwargs)
-        return [dict(r) for r in ds]
+            # Streaming takes no split slices ("train[:5]"): the first rows are the same anyway.
+            stream = datasets.load_dataset(path, streaming=True, **kwargs | {"split": src.split.split("[")[0]})
+            return [dict(r) for r in stream.take(head)]
+        return [dict(r) for r in _limited(datasets.load_dataset(path, **kwargs), src)]
     except DataError:
         raise
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{where}: cannot read '{src.label}' (split {src.split!r}): {first}") from None
+
+
+def _limited(ds, src: DatasetSource):
+    """At most ``src.limit`` rows: a seeded sample (shuffle, then the first rows), or every row."""
+    if src.limit is None or src.limit >= len(ds):
+        return ds
+    return ds.shuffle(seed=src.seed).select(range(src.limit))
+
+
+def source_fingerprint(src: DatasetSource) -> str:
+    """Content identity of a source for cache keys: its local files' sha256, or the hub id and revision."""
+    from compress.lineage import sha256_path
+
+    files = local_files(src)
+    if files:
+        return ",".join(sha256_path(f) for f in files)
+    p = Path(src.path).expanduser()
+    if p.is_dir():  # save_to_disk
+        return sha256_path(p)
+    return f"hub:{src.path}@{src.revision or 'main'}"
 
 
 # ---------------------------------------------------------------------------------------------- checking
@@ -214,7 +275,7 @@ def taskworld_rows(src: TaskWorldSource, world: TaskWorldConfig, tokenizer) -> l
     train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
     rows = []
     for r in train[: src.limit]:
-        ids = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(r["prompt"], add_special_tokens=True)["input_ids"]
         rows.append(r | {"source": "taskworld", "prompt_ids": ids, "text": r["prompt"]})
     return rows
 
@@ -267,15 +328,25 @@ def _quotas(total: int, weights: list[float]) -> list[int]:
 
 
 def mix_sources(
-    per_source: list[list[dict[str, Any]]], cfg: DataConfig, eval_index: EvalIndex | None
+    per_source: list[list[dict[str, Any]]],
+    cfg: DataConfig,
+    eval_index: EvalIndex | None,
+    max_prompt_tokens: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Deduplicate, drop evaluation prompts, take each source's share; return (rows, per-source stats)."""
+    """Drop over-long prompts, duplicates and evaluation prompts; take each source's share.
+
+    Returns (rows, per-source stats). ``max_prompt_tokens`` is what the teacher server can take
+    with room left for the completion: a longer prompt would be refused by it.
+    """
     seen: set[str] = set()
     kept_per_source: list[list[dict[str, Any]]] = []
     stats = []
     for src, rows in zip(cfg.sources, per_source, strict=True):
-        kept, dup, overlap = [], 0, 0
+        kept, dup, overlap, long = [], 0, 0, 0
         for r in rows:
+            if max_prompt_tokens is not None and len(r["prompt_ids"]) > max_prompt_tokens:
+                long += 1
+                continue
             if cfg.dedup and r["prompt"] in seen:
                 dup += 1
                 continue
@@ -286,7 +357,8 @@ def mix_sources(
             kept.append(r)
         kept_per_source.append(kept)
         label = "taskworld" if isinstance(src, TaskWorldSource) else src.label
-        stats.append({"source": label, "read": len(rows), "duplicates_dropped": dup, "eval_overlap_dropped": overlap})
+        stats.append({"source": label, "read": len(rows), "too_long_dropped": long, "duplicates_dropped": dup,
+                      "eval_overlap_dropped": overlap})  # fmt: skip
     if cfg.num_samples is None:
         chosen = kept_per_source
     else:
@@ -313,8 +385,6 @@ def load_rows(
     check_records(src, records, where)
     if src.messages_field:
         check_chat_template(tokenizer, where)
-    if src.limit is not None and src.limit < len(records):
-        records = random.Random(src.seed).sample(records, src.limit)
     return render_records(src, records, tokenizer, index)
 
 
@@ -326,6 +396,7 @@ def prepare_data(
     out_dir: Path,
     calibration: tuple[TaskWorldSource | DatasetSource | None, int],
     progress: Callable[[float, str], None] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Write ``prompts.jsonl`` (training prompts) and ``calibration.jsonl`` into ``out_dir``.
 
@@ -343,9 +414,9 @@ def prepare_data(
         if progress:
             progress((i + 1) / (len(cfg.sources) + 1), f"read source {i}: {len(per_source[-1])} rows")
     index = EvalIndex(eval_texts) if cfg.decontaminate else None
-    rows, stats = mix_sources(per_source, cfg, index)
+    rows, stats = mix_sources(per_source, cfg, index, max_prompt_tokens)
     if not rows:
-        raise DataError("data.sources: no training prompts left after deduplication and decontamination")
+        raise DataError("data.sources: no training prompts left after the length, duplicate and evaluation filters")
     calib_src, n_calib = calibration
     calib_rows = rows if calib_src is None else load_rows(calib_src, 0, world, tokenizer, "prune.calibration_source")
     out_dir = Path(out_dir)
@@ -353,6 +424,8 @@ def prepare_data(
     write_jsonl([{"text": calibration_text(r)} for r in calib_rows[:n_calib]], out_dir / "calibration.jsonl")
     report = {
         "prompts": len(rows),
+        "too_long_dropped": sum(s["too_long_dropped"] for s in stats),
+        "max_prompt_tokens": max_prompt_tokens,
         "duplicates_dropped": sum(s["duplicates_dropped"] for s in stats),
         "eval_overlap_dropped": sum(s["eval_overlap_dropped"] for s in stats),
         "eval_prompts_checked": len(index) if index is not None else 0,

@@ -146,8 +146,8 @@ def train_causal_lm(
 ) -> dict[str, Any]:
     """Train the checkpoint at ``init_dir`` (or the given ``model``) on ``device``; save it to ``out_dir``.
 
-    Weights stay float32; on a GPU with bf16 support the forward runs in bf16 autocast (Trainer's
-    ``bf16``), the usual mixed-precision recipe.
+    Weights stay float32; with ``train.bf16`` on a GPU that supports it the forward runs in bf16
+    autocast (Trainer's ``bf16``), the usual mixed-precision recipe.
 
     ``examples`` are dicts from ``encode_example`` plus, for KD, ``teacher_ids``/``teacher_logprobs``
     (``[n_completion_tokens, k]``). Returns the training metrics (final loss, steps, seconds).
@@ -169,7 +169,7 @@ def train_causal_lm(
         save_strategy="no",
         report_to=[],
         use_cpu=device == "cpu",
-        bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
+        bf16=train.bf16 and device.startswith("cuda") and torch.cuda.is_bf16_supported(),
         seed=train.seed,
         data_seed=train.seed,
         dataloader_num_workers=0,
