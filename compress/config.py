@@ -291,11 +291,25 @@ class EvaluateConfig(StrictModel):
         return int(v) if v is not None and v >= 1 else v
 
 
+StageName = Literal["prepare", "prune", "generate", "distill", "evaluate"]
+
+
 class PipelineConfig(StrictModel):
-    """The whole compression job: prune, generate, distill, evaluate."""
+    """The whole compression job: prune, generate, distill, evaluate.
+
+    Also accepts the path of a YAML file in place of the mapping (``compress_pipeline("my.yaml")``).
+    """
 
     name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: runs/<name>/.")
     runs_dir: Path = Field(default=Path("runs"), description="Parent directory of run directories.")
+    tags: list[str] = Field(default_factory=list, description="Prefect tags of the flow run and its task runs.")
+    force: list[StageName] = Field(
+        default_factory=list, description="Re-run these stages and every stage after them, cached or not."
+    )
+    concurrency_limit: str | None = Field(
+        default=None,
+        description="Prefect global concurrency limit that heavy stages take a slot of (e.g. 'gpu').",
+    )
     device: str = Field(
         default="auto",
         pattern=r"^(auto|cpu|cuda)$",
@@ -310,6 +324,13 @@ class PipelineConfig(StrictModel):
     generate: GenerateConfig = GenerateConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml_path(cls, data: Any) -> Any:
+        if isinstance(data, str | Path):
+            return load_yaml(Path(data))
+        return data
 
     @property
     def run_dir(self) -> Path:

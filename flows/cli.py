@@ -19,6 +19,12 @@ from compress.config import BootstrapConfig, ConfigError, PipelineConfig, load_c
 app = typer.Typer(help="distillflow: prune, distill and benchmark LLMs as a Prefect flow.", no_args_is_help=True)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
+ForceOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--force", help="Re-run this stage and every stage after it (prepare, prune, generate, distill, evaluate)."
+    ),
+]
 DEMO_CONFIG = Path("configs/tiny.yaml")
 BOOTSTRAP_CONFIG = Path("configs/bootstrap.yaml")
 
@@ -93,10 +99,16 @@ def _run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 @app.command()
-def run(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], set_: SetOpt = None) -> None:
-    """Run the whole pipeline (prune, generate, distill, evaluate) on CONFIG."""
-    cfg = _load(config, set_)
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], set_: SetOpt = None, force: ForceOpt = None
+) -> None:
+    """Run the whole pipeline (prepare, prune, generate, distill, evaluate) on CONFIG."""
+    cfg = _load(config, [*(set_ or []), *_force_overrides(force)])
     _guard(lambda: _run_pipeline(cfg))
+
+
+def _force_overrides(force: list[str] | None) -> list[str]:
+    return [f"force=[{', '.join(force)}]"] if force else []
 
 
 @app.command()
@@ -115,13 +127,13 @@ def plan(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], 
 
 
 @app.command()
-def demo(set_: SetOpt = None) -> None:
+def demo(set_: SetOpt = None, force: ForceOpt = None) -> None:
     """The embedded default: bootstrap the tiny teacher if needed, then run configs/tiny.yaml."""
     boot = _load(BOOTSTRAP_CONFIG, None, BootstrapConfig)
     if not (Path(boot.out_dir) / "config.json").is_file():
         typer.echo(f"no teacher at {boot.out_dir}: training it first (distillflow bootstrap)")
         _guard(lambda: _bootstrap(boot))
-    cfg = _load(DEMO_CONFIG, set_)
+    cfg = _load(DEMO_CONFIG, [*(set_ or []), *_force_overrides(force)])
     _guard(lambda: _run_pipeline(cfg))
 
 

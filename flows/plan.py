@@ -6,9 +6,9 @@ one-line ``ConfigError`` naming the field, file or task at the first fault. No w
 and Prefect is not imported, so the CLI can run it in seconds before it starts the flow; the flow
 runs it again for callers that come through Python or a deployment.
 
-``StageKeys`` derives every stage's cache key from content: the stage's config, the hashes of its
-inputs and the library source. The flow and ``plan`` share it, so ``plan`` can say which stages
-of an earlier run in the same directory would be cache hits.
+``cache_status`` hands the flow's own stage declarations (``tasks.pipeline``) to a runner that
+runs nothing and compares each stage's key and outputs with the run directory's manifest, so
+``plan`` can say which stages of an earlier run in the same directory would be cache hits.
 """
 
 from __future__ import annotations
@@ -20,22 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from compress.config import ConfigError, DatasetSource, PipelineConfig, config_hash
+from compress.config import ConfigError, DatasetSource, PipelineConfig
 from compress.hub import ResolvedModel, checkpoint_layout, read_model_config, resolve_model, text_config
-from compress.lineage import read_json, sha256_path, sha256_path_cached, source_hash
+from compress.lineage import sha256_path, sha256_path_cached, source_hash
 
 log = logging.getLogger("distillflow")
 
-# Fields that change how generation runs, not what it produces: kept out of the cache key.
-GENERATE_RUNTIME_FIELDS = {
-    "vllm_python",
-    "concurrency",
-    "prompts_per_request",
-    "startup_timeout_s",
-    "request_timeout_s",
-}
 HEAD_ROWS = 5
 
 
@@ -157,46 +147,6 @@ def check_data(cfg: PipelineConfig, tokenizer, full: bool) -> list[str]:
     return lines
 
 
-class StageKeys:
-    """Cache keys of every stage, from content: stage config + input hashes + library source hash."""
-
-    def __init__(self, cfg: PipelineConfig, teacher_id: str, eval_id: str, device: str, code: str | None = None):
-        self.cfg, self.teacher_id, self.eval_id, self.device = cfg, teacher_id, eval_id, device
-        self.code = code or source_hash()
-
-    def _key(self, stage: str, *parts: Any) -> str:
-        h = hashlib.sha256(stage.encode())
-        for p in (*parts, self.code):
-            h.update(b"\0" + (config_hash(p) if isinstance(p, BaseModel) else str(p)).encode())
-        return f"distillflow-{stage}-{h.hexdigest()[:32]}"
-
-    def prepare(self) -> str:
-        """Training prompts and calibration texts: data config and content, tokenizer (teacher), eval sets."""
-        from compress.data.sources import source_fingerprint
-
-        c = self.cfg
-        world = config_hash(c.taskworld) if c.uses_taskworld else "-"
-        calib = config_hash(c.prune, include={"calibration_samples", "calibration_source"})
-        content = [source_fingerprint(s) for _, s in _dataset_sources(c) if isinstance(s, DatasetSource)]
-        room = c.generate.max_model_len - c.generate.max_tokens  # the length filter
-        return self._key("prepare", c.effective_data(), world, calib, content, room, self.teacher_id, self.eval_id)
-
-    def prune(self, calibration_sha: str) -> str:
-        c = self.cfg
-        return self._key("prune", c.prune, self.teacher_id, calibration_sha, c.teacher.dtype, self.device)
-
-    def generate(self, prompts_sha: str) -> str:
-        gen = config_hash(self.cfg.generate, exclude=GENERATE_RUNTIME_FIELDS)
-        return self._key("generate", gen, self.teacher_id, prompts_sha)
-
-    def distill(self, name: str, use_logits: bool, pruned_sha: str, data_sha: str) -> str:
-        return self._key(f"distill-{name}", self.cfg.distill, use_logits, pruned_sha, data_sha, self.device)
-
-    def evaluate(self, name: str, model_sha: str) -> str:
-        ev = config_hash(self.cfg.evaluate, exclude={"headline"})  # the headline is read from results
-        return self._key(f"evaluate-{name}", ev, self.eval_id, model_sha, self.cfg.teacher.dtype, self.device)
-
-
 def teacher_identity(cfg: PipelineConfig, teacher: ResolvedModel) -> str:
     """The teacher's content identity: hub id @ commit, or the sha256 of a local directory."""
     return teacher.identity or sha256_path_cached(teacher.path, Path(cfg.runs_dir) / ".hashcache.json")
@@ -230,40 +180,24 @@ def expected_student(cfg: PipelineConfig, pf: Preflight) -> dict[str, Any]:
 
 
 def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
-    """(stage, status) per stage, predicted from ``manifest.json`` of the run directory."""
-    manifest = read_json(cfg.run_dir / "manifest.json", default={}).get("stages", {})
+    """(stage, "cache hit" | "will run") per stage, predicted from the run directory.
+
+    The same stage declarations as the flow's (``tasks.pipeline``), handed to a runner that only
+    compares keys and output hashes with ``manifest.json``.
+    """
+    from tasks.pipeline import Context, run_pipeline
+    from tasks.stage import PlanRunner
+
     with tempfile.TemporaryDirectory() as tmp:
         eval_id = write_eval_tasks(cfg, Path(tmp))
-    keys = StageKeys(cfg, teacher_identity(cfg, pf.teacher), eval_id, planned_device(cfg))
-    students = ["student"] + (["sft"] if cfg.distill.sft_baseline else [])
-    out: list[tuple[str, str]] = []
-    upstream_ok = True
-
-    def check(stage: str, key: str | None) -> dict[str, str] | None:
-        nonlocal upstream_ok
-        rec = manifest.get(stage)
-        hit = upstream_ok and key is not None and rec is not None and rec.get("cache_key") == key
-        out.append((stage, "cache hit" if hit else "will run"))
-        upstream_ok = upstream_ok and hit
-        return rec["outputs"] if hit else None
-
-    prep = check("prepare", keys.prepare())
-    pruned = check("prune", keys.prune(prep["calibration"]) if prep else None)
-    gen = check("generate", keys.generate(prep["prompts"]) if prep else None)
-    model_shas = {"teacher": keys.teacher_id, "pruned": (pruned or {}).get("pruned")}
-    data_sha = gen["data"] + gen["logits"] if gen else None
-    pre_distill = upstream_ok
-    for name in students:
-        upstream_ok = pre_distill
-        done = check(
-            f"distill_{name}",
-            keys.distill(name, name == "student", model_shas["pruned"], data_sha) if data_sha else None,
-        )
-        model_shas[name] = (done or {}).get(name)
-    for name in ("teacher", "pruned", *students):
-        upstream_ok = model_shas.get(name) is not None
-        check(f"evaluate_{name}", keys.evaluate(name, model_shas[name]) if upstream_ok else None)
-    return out
+    run_dir = cfg.run_dir.resolve()
+    device = planned_device(cfg)
+    ctx = Context(
+        run_dir, pf.teacher.path, teacher_identity(cfg, pf.teacher), eval_id, run_dir / "eval" / "tasks", device
+    )
+    runner = PlanRunner(run_dir, source_hash(), device, cfg.force)
+    run_pipeline(cfg, ctx, runner)
+    return runner.status
 
 
 def planned_device(cfg: PipelineConfig) -> str:

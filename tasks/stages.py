@@ -1,20 +1,24 @@
-"""Thin Prefect tasks around the library's stage functions: retries, cache keys, progress artifacts.
+"""Thin Prefect tasks around the library's stage functions: retries, progress artifacts, replay.
 
-Every task takes an explicit ``cache_key`` computed by the flow from content (stage config + input
-sha256 + code hash), so an unchanged re-run is a cache hit in any process, and a changed stage
-re-runs itself and what follows. Tasks return small dicts of paths and metrics, never models.
-Retries are for transient faults only (a server that died, a reset connection); bad input fails
-at once.
+Each task is declared with ``@stage_task``: it gains a keyword ``replay``. ``tasks.stage.StageRunner``
+passes the recorded result of a cache hit there, and the task then returns it as a ``Cached``
+state without doing any work, so every stage shows up in the Prefect API and dashboard, hit or not.
+Tasks return small dicts of paths and metrics, never models. Retries are for transient faults
+only (a server that died, a reset connection); bad input fails at once.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
+from prefect.states import Completed
 
 from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PipelineConfig, PruneConfig
 from compress.data.generate import GenerationError, generate_with_logprobs
@@ -28,10 +32,6 @@ from evaluation.harness import evaluate_checkpoint
 from evaluation.tasks import eval_texts
 
 TRANSIENT = (ServerError, GenerationError, ConnectionError, TimeoutError)
-
-
-def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
-    return parameters["cache_key"]
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -61,17 +61,34 @@ def _progress(key: str, description: str):
     return report
 
 
-STAGE_TASK = dict(
-    cache_key_fn=_key_from_parameters,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=_retry_transient,
-    persist_result=True,
-)
+def stage_task(name: str) -> Callable:
+    """``@task`` for a stage: retries on transient faults, and ``replay=<result>`` returns a Cached state."""
+
+    def deco(fn: Callable) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, replay: dict | None = None, **kwargs: Any) -> Any:
+            if replay is not None:
+                return Completed(name="Cached", message="cache hit (recorded in the run directory)", data=replay)
+            return fn(*args, **kwargs)
+
+        # Prefect binds arguments by signature: show it the stage's parameters plus ``replay``.
+        sig = inspect.signature(fn)
+        extra = inspect.Parameter("replay", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="dict | None")
+        wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])  # type: ignore[attr-defined]
+        # The cache is the run directory's (tasks.stage), so Prefect keeps no results of its own.
+        return task(
+            name=name,
+            retries=2,
+            retry_delay_seconds=[5, 30],
+            retry_condition_fn=_retry_transient,
+            persist_result=False,
+        )(wrapper)
+
+    return deco
 
 
-@task(name="prepare", **STAGE_TASK)
-def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir: str, cache_key: str) -> dict:
+@stage_task("prepare")
+def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir: str) -> dict:
     """Training prompts and calibration texts: read, render, mix, deduplicate, decontaminate."""
     data = cfg.effective_data()
     tokenizer = load_tokenizer(Path(teacher_dir), cfg.teacher.trust_remote_code)
@@ -99,7 +116,7 @@ def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir:
     return report
 
 
-@task(name="prune", **STAGE_TASK)
+@stage_task("prune")
 def prune_task(
     teacher_dir: str,
     calibration: str,
@@ -108,7 +125,6 @@ def prune_task(
     device: str,
     dtype: str,
     trust_remote_code: bool,
-    cache_key: str,
 ) -> dict:
     """Depth-prune the teacher by block influence on the calibration texts."""
     texts = [r["text"] for r in read_jsonl(Path(calibration))]
@@ -117,10 +133,8 @@ def prune_task(
     return {"path": out_dir, **record}
 
 
-@task(name="generate", **STAGE_TASK)
-def generate_task(
-    teacher_dir: str, prompts: str, cfg: GenerateConfig, run_dir: str, trust_remote_code: bool, cache_key: str
-) -> dict:
+@stage_task("generate")
+def generate_task(teacher_dir: str, prompts: str, cfg: GenerateConfig, run_dir: str, trust_remote_code: bool) -> dict:
     """Serve the teacher with vLLM, complete every training prompt, keep top-k log-probs."""
     rows = read_jsonl(Path(prompts))
     out = Path(run_dir)
@@ -151,7 +165,7 @@ def generate_task(
     return {"data": str(out / "data"), "logits": str(out / "logits"), **stats}
 
 
-@task(name="distill", **STAGE_TASK)
+@stage_task("distill")
 def distill_task(
     student_dir: str,
     data_dir: str,
@@ -160,7 +174,6 @@ def distill_task(
     out_dir: str,
     use_teacher_logits: bool,
     device: str,
-    cache_key: str,
 ) -> dict:
     """Train the pruned student: KD on teacher top-k + CE, or CE only (SFT baseline)."""
     label = "kd" if use_teacher_logits else "sft"
@@ -177,7 +190,7 @@ def distill_task(
     return {"path": out_dir, **metrics}
 
 
-@task(name="evaluate", **STAGE_TASK)
+@stage_task("evaluate")
 def evaluate_task(
     model_dir: str,
     tasks_dir: str,
@@ -186,7 +199,6 @@ def evaluate_task(
     device: str,
     dtype: str,
     trust_remote_code: bool,
-    cache_key: str,
 ) -> dict:
     """lm-eval of one checkpoint on every configured task."""
     result = evaluate_checkpoint(Path(model_dir), cfg, Path(tasks_dir), device, dtype, trust_remote_code)
@@ -194,3 +206,12 @@ def evaluate_task(
         shown = ", ".join(f"{m} {v['value']:.4f}" for m, v in metrics.items())
         get_run_logger().info("%s: %s: %s", label, task_name, shown)
     return {"path": model_dir, "label": label, **result}
+
+
+TASKS = {
+    "prepare": prepare_task,
+    "prune": prune_task,
+    "generate": generate_task,
+    "distill": distill_task,
+    "evaluate": evaluate_task,
+}

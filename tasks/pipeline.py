@@ -1,0 +1,158 @@
+"""The pipeline as a list of stage declarations: prepare, prune, generate, distill, evaluate.
+
+``run_pipeline`` declares each stage (what it runs, on what, into which paths, keyed by what) and
+hands it to a runner: ``StageRunner`` runs it through Prefect, ``PlanRunner`` only predicts whether
+it would be a cache hit. Both see the same declarations, so ``distillflow plan`` and the flow can
+never disagree on a cache key. This module does not import Prefect (``plan`` stays fast); tasks are
+named and looked up by the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.config import DatasetSource, PipelineConfig, config_hash
+from tasks.stage import Done, Stage
+
+# Fields that change how generation runs, not what it produces: kept out of the cache key.
+GENERATE_RUNTIME_FIELDS = {
+    "vllm_python",
+    "concurrency",
+    "prompts_per_request",
+    "startup_timeout_s",
+    "request_timeout_s",
+}
+
+
+@dataclass
+class Context:
+    """What every stage needs besides the config: where things are and what the inputs are."""
+
+    run_dir: Path
+    teacher_dir: Path
+    teacher_id: str  # hub id @ commit, or the sha256 of the local teacher
+    eval_id: str  # identity of the evaluation sets (task names, held-out split, task YAMLs)
+    tasks_dir: Path  # the task world's lm-eval task, when evaluated
+    device: str
+
+
+def _sources_content(cfg: PipelineConfig) -> list[str]:
+    from compress.data.sources import source_fingerprint
+
+    sources = [*cfg.effective_data().sources, cfg.prune.calibration_source]
+    return [source_fingerprint(s) for s in sources if isinstance(s, DatasetSource)]
+
+
+def run_pipeline(cfg: PipelineConfig, ctx: Context, run) -> dict[str, Done]:
+    """Declare and run every stage in order; ``run(stage) -> Done``. Returns the stages' results by name."""
+    d, t, c = ctx.run_dir, str(ctx.teacher_dir), cfg
+    remote, dtype = c.teacher.trust_remote_code, c.teacher.dtype
+    done: dict[str, Done] = {}
+    data_dir, logits_dir = d / "data", d / "logits"
+
+    done["prepare"] = prep = run(
+        Stage(
+            name="prepare",
+            task="prepare",
+            params={"cfg": c, "teacher_dir": t, "tasks_dir": str(ctx.tasks_dir), "out_dir": str(data_dir)},
+            key=[
+                c.effective_data(),
+                config_hash(c.taskworld) if c.uses_taskworld else "-",
+                config_hash(c.prune, include={"calibration_samples", "calibration_source"}),
+                _sources_content(c),
+                c.generate.max_model_len - c.generate.max_tokens,  # the prompt-length filter
+                ctx.teacher_id,  # its tokenizer and chat template
+                ctx.eval_id,  # decontamination
+            ],
+            inputs={"teacher": ctx.teacher_id, "eval_sets": ctx.eval_id},
+            outputs={"prompts": data_dir / "prompts.jsonl", "calibration": data_dir / "calibration.jsonl"},
+            config=c.effective_data(),
+            heavy=False,
+        )
+    )
+    done["prune"] = pruned = run(
+        Stage(
+            name="prune",
+            task="prune",
+            params={
+                "teacher_dir": t,
+                "calibration": str(data_dir / "calibration.jsonl"),
+                "cfg": c.prune,
+                "out_dir": str(d / "pruned"),
+                "device": ctx.device,
+                "dtype": dtype,
+                "trust_remote_code": remote,
+            },
+            key=[c.prune, ctx.teacher_id, prep.hashes.get("calibration"), dtype, ctx.device],
+            inputs={"teacher": ctx.teacher_id, "calibration": prep.hashes.get("calibration")},
+            outputs={"pruned": d / "pruned"},
+            config=c.prune,
+        )
+    )
+    done["generate"] = gen = run(
+        Stage(
+            name="generate",
+            task="generate",
+            params={
+                "teacher_dir": t,
+                "prompts": str(data_dir / "prompts.jsonl"),
+                "cfg": c.generate,
+                "run_dir": str(d),
+                "trust_remote_code": remote,
+            },
+            key=[config_hash(c.generate, exclude=GENERATE_RUNTIME_FIELDS), ctx.teacher_id, prep.hashes.get("prompts")],
+            inputs={"teacher": ctx.teacher_id, "prompts": prep.hashes.get("prompts")},
+            outputs={"data": data_dir / "train.jsonl", "logits": logits_dir},
+            config=c.generate,
+        )
+    )
+    data_sha = _join(gen.hashes.get("data"), gen.hashes.get("logits"))
+    models = {"teacher": (ctx.teacher_dir, ctx.teacher_id), "pruned": (d / "pruned", pruned.hashes.get("pruned"))}
+    students = {"student": True} | ({"sft": False} if c.distill.sft_baseline else {})
+    for name, use_logits in students.items():
+        done[f"distill_{name}"] = trained = run(
+            Stage(
+                name=f"distill_{name}",
+                task="distill",
+                params={
+                    "student_dir": str(d / "pruned"),
+                    "data_dir": str(data_dir),
+                    "logits_dir": str(logits_dir),
+                    "cfg": c.distill,
+                    "out_dir": str(d / name),
+                    "use_teacher_logits": use_logits,
+                    "device": ctx.device,
+                },
+                key=[c.distill, use_logits, pruned.hashes.get("pruned"), data_sha, ctx.device],
+                inputs={"pruned": pruned.hashes.get("pruned"), "data": data_sha},
+                outputs={name: d / name},
+                config=c.distill,
+            )
+        )
+        models[name] = (d / name, trained.hashes.get(name))
+    for name, (model_dir, model_sha) in models.items():
+        done[f"evaluate_{name}"] = run(
+            Stage(
+                name=f"evaluate_{name}",
+                task="evaluate",
+                params={
+                    "model_dir": str(model_dir),
+                    "tasks_dir": str(ctx.tasks_dir),
+                    "cfg": c.evaluate,
+                    "label": name,
+                    "device": ctx.device,
+                    "dtype": dtype,
+                    "trust_remote_code": remote,
+                },
+                key=[config_hash(c.evaluate, exclude={"headline"}), ctx.eval_id, model_sha, dtype, ctx.device],
+                inputs={"model": model_sha, "eval_sets": ctx.eval_id},
+                config=c.evaluate,
+            )
+        )
+    return done
+
+
+def _join(*hashes: str | None) -> str | None:
+    """Several hashes as one key part; unknown (None) when any is unknown (``plan``, before a run)."""
+    return None if any(h is None for h in hashes) else "".join(hashes)  # type: ignore[arg-type]
