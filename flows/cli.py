@@ -158,6 +158,16 @@ def _bootstrap(cfg: BootstrapConfig) -> None:
 
 
 @app.command()
+def serve() -> None:
+    """Serve the deployments of prefect.yaml from this process (runs from the dashboard execute here)."""
+    _env_defaults()
+    from flows.serve import serve as serve_deployments
+
+    typer.echo("serving the deployments of prefect.yaml; Ctrl-C stops")
+    serve_deployments()
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/demo.")]) -> None:
     """Print the results table of a finished run."""
     from compress.lineage import read_json

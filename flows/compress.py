@@ -57,10 +57,23 @@ class PipelineResult(BaseModel):
 def compress_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> PipelineResult:
     """Compress the teacher of ``config`` and benchmark teacher, pruned, SFT baseline and KD student."""
     cfg = PipelineConfig.model_validate(config.model_dump())  # validated even when it is the default
+    _tag_flow_run(cfg.tags)
     with tags(*cfg.tags):
         ctx, runner = _setup(cfg)
         done = run_pipeline(cfg, ctx, runner)
         return _publish(cfg, ctx, runner, done)
+
+
+def _tag_flow_run(names: list[str]) -> None:
+    """Put the config's tags on this flow run too (``tags()`` covers only the task runs it opens)."""
+    if not names:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+
+    run = get_run_context().flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=sorted({*run.tags, *names}))
 
 
 def _setup(cfg: PipelineConfig) -> tuple[Context, StageRunner]:

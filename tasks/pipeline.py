@@ -22,7 +22,11 @@ GENERATE_RUNTIME_FIELDS = {
     "prompts_per_request",
     "startup_timeout_s",
     "request_timeout_s",
+    "endpoint",  # where the teacher is served, not what it is: the teacher's identity is in the key
 }
+# Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
+# when only they change.
+KD_FIELDS = {"loss", "kd_weight", "temperature", "tail"}
 
 
 @dataclass
@@ -124,7 +128,13 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run) -> dict[str, Done]:
                     "use_teacher_logits": use_logits,
                     "device": ctx.device,
                 },
-                key=[c.distill, use_logits, pruned.hashes.get("pruned"), data_sha, ctx.device],
+                key=[
+                    config_hash(c.distill, exclude=None if use_logits else KD_FIELDS),
+                    use_logits,
+                    pruned.hashes.get("pruned"),
+                    data_sha,
+                    ctx.device,
+                ],
                 inputs={"pruned": pruned.hashes.get("pruned"), "data": data_sha},
                 outputs={name: d / name},
                 config=c.distill,

@@ -121,7 +121,8 @@ class StageRunner:
         hit = self.recorded_hit(stage, key)
         t0 = time.time()
         with self._slot(stage, hit is None):
-            state = TASKS[stage.task](**stage.params, replay=hit["result"] if hit else None, return_state=True)
+            task = TASKS[stage.task].with_options(task_run_name=stage.name)
+            state = task(**stage.params, replay=hit["result"] if hit else None, return_state=True)
         result = state.result()
         seconds = round(time.time() - t0, 2)
         hashes = {name: self._hash(p) for name, p in stage.outputs.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,28 +140,32 @@ def generate_task(teacher_dir: str, prompts: str, cfg: GenerateConfig, run_dir: 
     rows = read_jsonl(Path(prompts))
     out = Path(run_dir)
     logger = get_run_logger()
-    server = VLLMServer(
-        Path(teacher_dir),
-        python=cfg.vllm_python,
-        log_path=out / "logs" / "vllm-server.log",
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        max_logprobs=cfg.top_k,
-        kv_cache_gib=cfg.kv_cache_gib,
-        startup_timeout_s=cfg.startup_timeout_s,
-        extra_args=["--trust-remote-code"] if trust_remote_code else None,
-    )
-    with server:
-        logger.info("vLLM server ready at %s", server.base_url)
+    progress = _progress("generate", "generate")
+    if cfg.endpoint is not None:
+        key = os.environ.get(cfg.endpoint.api_key_env) if cfg.endpoint.api_key_env else None
+        if cfg.endpoint.api_key_env and not key:
+            raise ValueError(f"generate.endpoint.api_key_env: ${cfg.endpoint.api_key_env} is not set")
+        logger.info("teacher served at %s (%s)", cfg.endpoint.url, cfg.endpoint.model)
         stats = generate_with_logprobs(
-            server.base_url,
-            server.served_name,
-            rows,
-            cfg,
-            out / "data",
-            out / "logits",
-            progress=_progress("generate", "generate"),
+            cfg.endpoint.url.rstrip("/"), cfg.endpoint.model, rows, cfg, out / "data", out / "logits", progress, key
         )
+    else:
+        server = VLLMServer(
+            Path(teacher_dir),
+            python=cfg.vllm_python,
+            log_path=out / "logs" / "vllm-server.log",
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            max_logprobs=cfg.top_k,
+            kv_cache_gib=cfg.kv_cache_gib,
+            startup_timeout_s=cfg.startup_timeout_s,
+            extra_args=["--trust-remote-code"] if trust_remote_code else None,
+        )
+        with server:
+            logger.info("vLLM server ready at %s", server.base_url)
+            stats = generate_with_logprobs(
+                server.base_url, server.served_name, rows, cfg, out / "data", out / "logits", progress
+            )
     logger.info("generated %d rows, %d tokens at %.0f tokens/s", stats["rows"], stats["tokens"], stats["tokens_per_s"])
     return {"data": str(out / "data"), "logits": str(out / "logits"), **stats}
 

@@ -90,7 +90,12 @@ async def _complete(
 
 
 async def _generate_all(
-    base_url: str, model: str, prompts: list[str] | list[list[int]], cfg: GenerateConfig, progress: Progress | None
+    base_url: str,
+    model: str,
+    prompts: list[str] | list[list[int]],
+    cfg: GenerateConfig,
+    progress: Progress | None,
+    api_key: str | None = None,
 ) -> list[dict[str, Any]]:
     url = f"{base_url}/v1/completions"
     batches = [prompts[i : i + cfg.prompts_per_request] for i in range(0, len(prompts), cfg.prompts_per_request)]
@@ -119,7 +124,8 @@ async def _generate_all(
         if progress:
             progress(done / len(batches), f"{done}/{len(batches)} batches")
 
-    async with httpx.AsyncClient(timeout=cfg.request_timeout_s) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(timeout=cfg.request_timeout_s, headers=headers) as client:
         await asyncio.gather(*(run(i, b, client) for i, b in enumerate(batches)))
     return [c for batch in results for c in batch]  # type: ignore[union-attr]
 
@@ -132,6 +138,7 @@ def generate_with_logprobs(
     data_dir: Path,
     logits_dir: Path,
     progress: Progress | None = None,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """Complete every row's ``prompt`` with the served teacher; write ``data_dir`` and ``logits_dir``.
 
@@ -142,7 +149,7 @@ def generate_with_logprobs(
     # Token ids when the data stage tokenized the prompts: the teacher then sees exactly the tokens
     # the student trains on (no second tokenization, no doubled BOS).
     prompts = [r["prompt_ids"] if r.get("prompt_ids") else r["prompt"] for r in rows]
-    choices = asyncio.run(_generate_all(base_url, served_name, prompts, cfg, progress))
+    choices = asyncio.run(_generate_all(base_url, served_name, prompts, cfg, progress, api_key))
     out_rows, all_ids, all_lps = [], [], []
     offset = 0
     for row, choice in zip(rows, choices, strict=True):
