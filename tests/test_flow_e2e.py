@@ -74,6 +74,22 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
     assert all(s["cached"] for s in again["stages"].values()), again["stages"]
     assert {k: v["score"] for k, v in again["models"].items()} == {k: v["score"] for k, v in summary["models"].items()}
 
+    # As a subflow of another flow: the same typed result, every stage a hit.
+    from prefect import flow
+
+    @flow
+    def parent() -> float:
+        return compress_pipeline(cfg).summary["models"]["student"]["score"]
+
+    assert parent() == summary["models"]["student"]["score"]
+
+    # --force evaluate re-runs the evaluations only; plan predicts it.
+    forced = cfg.model_copy(update={"force": ["evaluate"]})
+    status = dict(cache_status(forced, preflight(forced, full=False)))
+    assert [s for s, v in status.items() if v == "will run"] == [s for s in status if s.startswith("evaluate_")]
+    stages = compress_pipeline(forced).summary["stages"]
+    assert all(v["cached"] != k.startswith("evaluate_") for k, v in stages.items()), stages
+
     # A change to distill re-runs distill and what follows, not prune or generate.
     changed = cfg.model_copy(deep=True)
     changed.distill.train.max_steps = 5

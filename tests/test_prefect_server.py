@@ -1,8 +1,8 @@
 """Real Prefect parts: a `prefect server` on loopback, a process work pool, `prefect deploy`, a worker.
 
 Everything is read back through the Prefect API: flow run states, task run states, artifacts.
-- the pipeline run from the CLI (its own ephemeral Prefect home), then as a deployment run through
-  the worker (another Prefect home): every stage of the second run is a cache hit;
+- the demo config run from the CLI (its own ephemeral Prefect home), then as a deployment run
+  through the worker (another Prefect home): every stage of the second run is a cache hit;
 - a change to the KD settings only: prepare, prune and generate are cache hits, distill and the
   student's evaluation run (task run states);
 - a run cancelled while its generate stage is serving ends Cancelled with no process left.
@@ -157,9 +157,12 @@ def _task_states(env: dict, run_id: str) -> dict[str, list[str]]:
     return out
 
 
-def test_cli_then_deployment_hits_then_kd_change(server, tmp_path, tiny_model_dir):
+def test_cli_then_deployment_hits_then_kd_change(server, tmp_path):
+    """The demo config (configs/tiny.yaml) itself, in a temporary runs directory."""
     env, runs = server["env"], tmp_path / "runs"
-    cfg = _config(runs, tiny_model_dir, "shared")
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg |= {"name": "shared", "runs_dir": str(runs), "tags": ["test"]}
+    cfg["teacher"]["path"] = str(ROOT / cfg["teacher"]["path"])
     path = tmp_path / "shared.yaml"
     path.write_text(yaml.safe_dump(cfg))
 

@@ -1,0 +1,155 @@
+"""What orchestration costs: the demo through Prefect against the same stage functions called directly.
+
+In one run, on the demo config (``configs/tiny.yaml``), each a fresh process and a fresh run
+directory, timed from process start to exit:
+  baseline  the library functions called in order from plain Python (prepare, prune, generate with
+            a vLLM server, KD and SFT training, four lm-eval runs): no Prefect, no cache, no manifest;
+  ours      ``distillflow run`` (preflight, ephemeral Prefect server, tasks, artifacts, content
+            cache, manifest, report);
+  rerun     ``distillflow run`` again, every stage a cache hit: what a user waits for when nothing
+            changed.
+The Prefect home is warmed first (its database created by one trivial flow), as it is on every
+run after a user's first; that one-time cost is reported as ``first_use_s``.
+Writes ``bench/results/overhead.json`` with ``overhead_pct`` (target < 5) and ``cached_rerun_s``
+(target < 15).
+
+    .venv/bin/python bench/overhead.py [--config configs/tiny.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def direct(cfg, run_dir: Path) -> float:
+    """The stages' library functions in order, without Prefect; returns the wall time."""
+    from compress.data.generate import generate_with_logprobs
+    from compress.data.sources import prepare_data
+    from compress.data.taskworld import read_jsonl
+    from compress.distill.recipe import distill_student
+    from compress.models import load_tokenizer, resolve_device
+    from compress.prune.depth import prune_depth
+    from compress.serving.vllm_server import VLLMServer
+    from evaluation.harness import evaluate_checkpoint
+    from evaluation.tasks import eval_texts
+    from flows.plan import write_eval_tasks
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    teacher = Path(cfg.teacher.path).resolve()
+    tasks_dir = run_dir / "eval" / "tasks"
+    write_eval_tasks(cfg, tasks_dir)
+    data = run_dir / "data"
+    prepare_data(
+        cfg.effective_data(),
+        cfg.taskworld,
+        load_tokenizer(teacher),
+        eval_texts(cfg.evaluate, tasks_dir),
+        data,
+        (cfg.prune.calibration_source, cfg.prune.calibration_samples),
+        max_prompt_tokens=cfg.generate.max_model_len - cfg.generate.max_tokens,
+    )
+    texts = [r["text"] for r in read_jsonl(data / "calibration.jsonl")]
+    prune_depth(teacher, texts, cfg.prune, run_dir / "pruned", device, cfg.teacher.dtype)
+    g = cfg.generate
+    with VLLMServer(
+        teacher,
+        python=g.vllm_python,
+        log_path=run_dir / "vllm.log",
+        dtype=g.dtype,
+        max_model_len=g.max_model_len,
+        max_logprobs=g.top_k,
+        kv_cache_gib=g.kv_cache_gib,
+    ) as srv:
+        generate_with_logprobs(
+            srv.base_url, srv.served_name, read_jsonl(data / "prompts.jsonl"), g, data, run_dir / "logits"
+        )
+    models = {"teacher": teacher, "pruned": run_dir / "pruned"}
+    for name, kd in (("student", True), ("sft", False)):
+        distill_student(run_dir / "pruned", data, run_dir / "logits", cfg.distill, run_dir / name, kd, device=device)
+        models[name] = run_dir / name
+    for path in models.values():
+        evaluate_checkpoint(path, cfg.evaluate, tasks_dir, device, cfg.teacher.dtype)
+    return time.perf_counter() - t0
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return seconds, proc
+
+
+WARM = "from prefect import flow\n@flow\ndef warm():\n    return 1\nwarm()\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--direct", nargs=2, metavar=("CONFIG", "RUN_DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.direct:  # the baseline, in its own process
+        from compress.config import load_config
+
+        direct(load_config(args.direct[0]), Path(args.direct[1]))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from compress.lineage import package_versions, write_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        home = tmp / "prefect-home"
+        home.mkdir()
+        env = os.environ | {"PREFECT_HOME": str(home)}
+        first_use_s, _ = _timed([sys.executable, "-c", WARM], env)
+        cfg_path = tmp / "bench.yaml"
+        cfg_path.write_text((ROOT / args.config).read_text())
+        base_s, _ = _timed(
+            [sys.executable, str(Path(__file__).resolve()), "--direct", str(cfg_path), str(tmp / "direct")], env
+        )
+        print(f"direct stage functions: {base_s:.1f}s", flush=True)
+        run = [sys.executable, "-m", "flows.cli", "run", str(cfg_path), "--set", f"runs_dir={tmp / 'runs'}"]
+        ours_s, proc = _timed(run, env)
+        assert "0/9 stages were cache hits" in proc.stdout, proc.stdout[-1000:]
+        print(f"through Prefect: {ours_s:.1f}s", flush=True)
+        rerun_s, proc = _timed(run, env)
+        if "every stage a cache hit" not in proc.stdout:
+            raise SystemExit(f"cached re-run did not hit every stage:\n{proc.stdout[-2000:]}")
+        print(f"cached re-run: {rerun_s:.1f}s", flush=True)
+
+    overhead = 100.0 * (ours_s - base_s) / base_s
+    out = {
+        "benchmark": "overhead",
+        "config": args.config,
+        "ours": {
+            "what": "compress_pipeline through Prefect (tasks, cache, manifest, artifacts)",
+            "seconds": round(ours_s, 2),
+        },
+        "baseline": {"what": "the same stage functions called directly, new process", "seconds": round(base_s, 2)},
+        "ratio": round(ours_s / base_s, 4),
+        "overhead_pct": round(overhead, 2),
+        "cached_rerun_s": round(rerun_s, 2),
+        "first_use_s": round(first_use_s, 2),
+        "targets": {"overhead_pct": 5, "cached_rerun_s": 15},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "packages": package_versions(),
+    }
+    write_json(ROOT / "bench" / "results" / "overhead.json", out)
+    print(f"overhead: {overhead:+.1f}% (target < 5)   cached re-run: {rerun_s:.1f}s (target < 15)")
+
+
+if __name__ == "__main__":
+    main()
