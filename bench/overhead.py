@@ -135,7 +135,7 @@ def main() -> None:
         "benchmark": "overhead",
         "config": args.config,
         "ours": {
-            "what": "compress_pipeline through Prefect (tasks, cache, manifest, artifacts)",
+            "what": "distillflow run: the Prefect flow (tasks, cache, manifest, artifacts), new process",
             "seconds": round(ours_s, 2),
         },
         "baseline": {"what": "the same stage functions called directly, new process", "seconds": round(base_s, 2)},
