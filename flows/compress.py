@@ -14,6 +14,11 @@ cache. The run directory ``runs/<name>/`` holds the checkpoints, data, logits, e
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +63,48 @@ def compress_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> PipelineResult
     """Compress the teacher of ``config`` and benchmark teacher, pruned, SFT baseline and KD student."""
     cfg = PipelineConfig.model_validate(config.model_dump())  # validated even when it is the default
     _tag_flow_run(cfg.tags)
-    with tags(*cfg.tags):
-        ctx, runner = _setup(cfg)
-        done = run_pipeline(cfg, ctx, runner)
-        return _publish(cfg, ctx, runner, done)
+    restore = _cancel_on_sigterm()
+    try:
+        with tags(*cfg.tags):
+            ctx, runner = _setup(cfg)
+            done = run_pipeline(cfg, ctx, runner)
+            return _publish(cfg, ctx, runner, done)
+    finally:
+        restore()
+
+
+def _cancel_on_sigterm() -> Callable[[], None]:
+    """Record a run that is being cancelled as Cancelled, not Crashed, when the runner's SIGTERM lands.
+
+    Cancelling a deployment run makes its runner send SIGTERM to the flow-run process, which Prefect
+    turns into a TerminationSignal and proposes Crashed; whether the runner's Cancelled comes first
+    is a race. Here the run's own process settles it: if the API says CANCELLING, it sets Cancelled
+    before Prefect's handler runs. The vLLM server's handler (compress/serving) runs before this
+    one and stops the server's process group.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.context import get_run_context
+    from prefect.states import Cancelled
+
+    run_id = get_run_context().flow_run.id
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.type == StateType.CANCELLING:
+                client.set_flow_run_state(run_id, Cancelled(message="cancelled while running"), force=True)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _tag_flow_run(names: list[str]) -> None:

@@ -273,6 +273,6 @@ def test_cancel_while_generate_is_serving(server, tmp_path, tiny_model_dir):
     port = int(cmd[cmd.index("--port") + 1])
 
     _cli(env, "flow-run", "cancel", run_id)
-    assert _wait_final(env, run_id, timeout=180) == "CANCELLED"
+    assert _wait_final(env, run_id, timeout=180) == "CANCELLED", _api(env, lambda c: c.read_flow_run(run_id)).state
     _wait(lambda: not any(_alive(p) for p in tree), 60, "every process of the cancelled run to exit")
     assert _port_free(port), f"port {port} still held"
