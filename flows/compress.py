@@ -58,7 +58,9 @@ class PipelineResult(BaseModel):
     summary: dict[str, Any]
 
 
-@flow(name="compress-pipeline", flow_run_name="{config.name}", log_prints=True)
+# log_prints stays off: the libraries' own prints (Trainer's metric dicts, lm-eval's tables) would
+# each become an API log record; the stages log what matters through the run logger.
+@flow(name="compress-pipeline", flow_run_name="{config.name}")
 def compress_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> PipelineResult:
     """Compress the teacher of ``config`` and benchmark teacher, pruned, SFT baseline and KD student."""
     cfg = PipelineConfig.model_validate(config.model_dump())  # validated even when it is the default

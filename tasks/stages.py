@@ -54,7 +54,7 @@ def _progress(key: str, description: str):
 
     def report(fraction: float, message: str) -> None:
         pct = round(100.0 * min(max(fraction, 0.0), 1.0), 1)
-        if pct - last["pct"] >= 5 or pct == 100.0:
+        if pct - last["pct"] >= 10 or pct == 100.0:
             update_progress_artifact(artifact_id=artifact_id, progress=pct)
             last["pct"] = pct
         logger.info("%s: %s", description, message)
