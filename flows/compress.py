@@ -19,21 +19,19 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow, tags
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from compress.config import PipelineConfig, TeacherConfig
-from compress.lineage import code_version, package_versions, source_hash, write_json
-from compress.models import checkpoint_params, resolve_device
-from evaluation.harness import headline
-from evaluation.report import build_summary, markdown_report, plot_scores, results_rows
+from compress.lineage import code_version, package_versions, source_hash
+from compress.models import resolve_device
 from flows.plan import preflight, teacher_identity, write_eval_tasks
+from flows.publish import publish
 from tasks.pipeline import Context, run_pipeline
 from tasks.stage import StageRunner
 
@@ -147,33 +145,10 @@ def _setup(cfg: PipelineConfig) -> tuple[Context, StageRunner]:
 
 
 def _publish(cfg: PipelineConfig, ctx: Context, runner: StageRunner, done: dict) -> PipelineResult:
-    """Summary, report, plot and the Prefect artifacts, from the stages' results."""
-    models: dict[str, dict[str, Any]] = {}
-    for stage, d in done.items():
-        if stage.startswith("evaluate_"):
-            name = stage.removeprefix("evaluate_")
-            path = Path(d.result["path"])
-            models[name] = {
-                "params": checkpoint_params(path),
-                "scores": d.result["scores"],
-                "n": d.result["n"],
-                "path": str(path),
-            }
-    task, metric = headline(models["teacher"]["scores"], cfg.evaluate)
-    for m in models.values():
-        best = m["scores"].get(task, {}).get(metric, {})
-        m["score"], m["stderr"] = best.get("value"), best.get("stderr")
-    write_json(ctx.run_dir / "eval" / "results.json", models)
-    summary = build_summary(
-        metric, models, runner.stages, headline={"task": task, "metric": metric}, data=done["prepare"].result
-    )
-    write_json(ctx.run_dir / "summary.json", summary)
-    plot_scores(summary, ctx.run_dir / "plots" / "scores.png")
-    report = markdown_report(summary, ctx.run_dir)
-    (ctx.run_dir / "report.md").write_text(report)
-    create_markdown_artifact(markdown=report, key="compress-report", description=f"run {cfg.name}")
-    create_table_artifact(table=results_rows(summary), key="compress-results", description=f"run {cfg.name}")
-    links = "\n".join(f"- {name}: `{m['path']}`" for name, m in models.items())
+    """Summary, report, plot and the Prefect artifacts, plus one that says where everything is."""
+    evaluated = {k.removeprefix("evaluate_"): d.result for k, d in done.items() if k.startswith("evaluate_")}
+    summary = publish(cfg.name, ctx.run_dir, evaluated, runner.stages, cfg.evaluate, data=done["prepare"].result)
+    links = "\n".join(f"- {name}: `{m['path']}`" for name, m in summary["models"].items())
     create_markdown_artifact(
         markdown=f"# Run `{cfg.name}`\n\nRun directory: `{ctx.run_dir}`\n\nCheckpoints:\n{links}\n",
         key="compress-summary",

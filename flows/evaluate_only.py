@@ -10,20 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from compress.config import EvaluateOnlyConfig, PipelineConfig, config_hash
-from compress.lineage import code_version, package_versions, sha256_path_cached, source_hash, write_json
-from compress.models import checkpoint_params, resolve_device
-from evaluation.harness import headline
-from evaluation.report import build_summary, markdown_report, plot_scores, results_rows
+from compress.lineage import code_version, package_versions, sha256_path_cached, source_hash
+from compress.models import resolve_device
 from evaluation.tasks import check_tasks
 from flows.compress import PipelineResult
 from flows.plan import write_eval_tasks
+from flows.publish import publish
 from tasks.stage import Stage, StageRunner
 
 
-@flow(name="evaluate-only", flow_run_name="{config.name}", log_prints=True)
+@flow(name="evaluate-only", flow_run_name="{config.name}")
 def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> PipelineResult:
     """Evaluate every model of ``config`` on every task of ``config.evaluate``."""
     cfg = EvaluateOnlyConfig.model_validate(config.model_dump())
@@ -39,10 +37,10 @@ def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> Pipeline
     as_pipeline = PipelineConfig.model_construct(taskworld=cfg.taskworld, evaluate=cfg.evaluate)
     eval_id = write_eval_tasks(as_pipeline, tasks_dir)
     runner = StageRunner(run_dir, source_hash(), code_version(), package_versions(), device)
-    models = {}
+    evaluated = {}
     for m in cfg.models:
         model_sha = sha256_path_cached(Path(m.path), run_dir.parent / ".hashcache.json")
-        done = runner(
+        evaluated[m.name] = runner(
             Stage(
                 name=f"evaluate_{m.name}",
                 task="evaluate",
@@ -59,23 +57,6 @@ def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> Pipeline
                 inputs={"model": model_sha, "eval_sets": eval_id},
                 config=cfg.evaluate,
             )
-        )
-        models[m.name] = {
-            "params": checkpoint_params(Path(m.path)),
-            "scores": done.result["scores"],
-            "n": done.result["n"],
-            "path": str(Path(m.path).resolve()),
-        }
-    task, metric = headline(next(iter(models.values()))["scores"], cfg.evaluate)
-    for v in models.values():
-        best = v["scores"].get(task, {}).get(metric, {})
-        v["score"], v["stderr"] = best.get("value"), best.get("stderr")
-    write_json(run_dir / "eval" / "results.json", models)
-    summary = build_summary(metric, models, runner.stages, headline={"task": task, "metric": metric})
-    write_json(run_dir / "summary.json", summary)
-    plot_scores(summary, run_dir / "plots" / "scores.png")
-    report = markdown_report(summary, run_dir)
-    (run_dir / "report.md").write_text(report)
-    create_markdown_artifact(markdown=report, key="evaluate-report", description=f"run {cfg.name}")
-    create_table_artifact(table=results_rows(summary), key="evaluate-results", description=f"run {cfg.name}")
+        ).result
+    summary = publish(cfg.name, run_dir, evaluated, runner.stages, cfg.evaluate, artifact_prefix="evaluate")
     return PipelineResult(run_dir=str(run_dir), summary=summary)

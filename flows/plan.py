@@ -14,7 +14,6 @@ runs nothing and compares each stage's key and outputs with the run directory's 
 from __future__ import annotations
 
 import hashlib
-import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,6 @@ from typing import Any
 from compress.config import ConfigError, DatasetSource, PipelineConfig
 from compress.hub import ResolvedModel, checkpoint_layout, read_model_config, resolve_model, text_config
 from compress.lineage import sha256_path, sha256_path_cached, source_hash
-
-log = logging.getLogger("distillflow")
 
 HEAD_ROWS = 5
 
