@@ -78,9 +78,9 @@ def _cancel_on_sigterm() -> Callable[[], None]:
 
     Cancelling a deployment run makes its runner send SIGTERM to the flow-run process, which Prefect
     turns into a TerminationSignal and proposes Crashed; whether the runner's Cancelled comes first
-    is a race. Here the run's own process settles it: if the API says CANCELLING, it sets Cancelled
-    before Prefect's handler runs. The vLLM server's handler (compress/serving) runs before this
-    one and stops the server's process group.
+    is a race (and Prefect forces its Crashed). Here the run's own process settles it: if the API
+    says CANCELLING, it sets Cancelled and exits at once. The vLLM server's handler
+    (compress/serving) runs before this one and stops the server's process group.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -93,10 +93,20 @@ def _cancel_on_sigterm() -> Callable[[], None]:
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
+        cancelled = False
         with contextlib.suppress(Exception), get_client(sync_client=True) as client:
             state = client.read_flow_run(run_id).state
             if state is not None and state.type == StateType.CANCELLING:
                 client.set_flow_run_state(run_id, Cancelled(message="cancelled while running"), force=True)
+                cancelled = True
+        if cancelled:
+            # Prefect's own handler would now force a Crashed state over the Cancelled one. The
+            # vLLM server's handler ran before this one; training dies with the process.
+            with contextlib.suppress(Exception):
+                from prefect.logging.handlers import APILogHandler
+
+                APILogHandler.flush()
+            os._exit(0)
         if callable(previous):
             previous(signum, frame)
         else:
