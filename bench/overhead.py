@@ -47,7 +47,7 @@ def direct(cfg, run_dir: Path) -> float:
     device = resolve_device(cfg.device)
     teacher = Path(cfg.teacher.path).resolve()
     tasks_dir = run_dir / "eval" / "tasks"
-    write_eval_tasks(cfg, tasks_dir)
+    write_eval_tasks(cfg.taskworld, cfg.evaluate, tasks_dir)
     data = run_dir / "data"
     prepare_data(
         cfg.effective_data(),

@@ -37,6 +37,12 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line that names the file and the field."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, assignments are validated."""
 

@@ -39,6 +39,14 @@ def sha256_path(path: Path, skip: frozenset[str] = SIDECAR_FILES) -> str:
     return h.hexdigest()
 
 
+HASH_CACHE = ".hashcache.json"
+
+
+def hash_cache_file(runs_dir: Path) -> Path:
+    """The stat-keyed sha256 cache shared by every run under ``runs_dir``."""
+    return Path(runs_dir) / HASH_CACHE
+
+
 def sha256_path_cached(path: Path, cache_file: Path) -> str:
     """``sha256_path`` of a directory, reused while no file's name, size or mtime changed.
 
@@ -47,8 +55,9 @@ def sha256_path_cached(path: Path, cache_file: Path) -> str:
     """
     path = Path(path).resolve()
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in SIDECAR_FILES)
+    stats = [(f, f.stat()) for f in files]
     stamp = hashlib.sha256(
-        "\n".join(f"{f.relative_to(path)}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}" for f in files).encode()
+        "\n".join(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}" for f, st in stats).encode()
     ).hexdigest()
     cache = read_json(cache_file, default={})
     hit = cache.get(str(path))

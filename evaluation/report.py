@@ -53,6 +53,15 @@ def scores_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def data_line(data: dict[str, Any]) -> str:
+    """What the prepare stage kept and dropped, in one sentence (terminal and report)."""
+    return (
+        f"{data['prompts']:,} training prompts; dropped {data['duplicates_dropped']:,} duplicates, "
+        f"{data['eval_overlap_dropped']:,} prompts found in an evaluation set and "
+        f"{data.get('too_long_dropped', 0):,} longer than {data.get('max_prompt_tokens')} tokens"
+    )
+
+
 def _with_stderr(v: dict[str, float | None]) -> str:
     return f"{v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v.get("stderr") is not None else "")
 
@@ -133,13 +142,7 @@ def markdown_report(summary: dict, run_dir: Path, extra: dict[str, Any] | None =
             )
     data = summary.get("data")
     if data:
-        out += [
-            "",
-            "## Data",
-            "",
-            f"{data['prompts']:,} training prompts; {data['duplicates_dropped']:,} duplicates and "
-            f"{data['eval_overlap_dropped']:,} evaluation prompts dropped from training.",
-        ]
+        out += ["", "## Data", "", data_line(data) + "."]
     out += ["", "## Stages", "", "| stage | cached | seconds |", "|---|---|---:|"]
     for name, s in summary["stages"].items():
         out.append(f"| {name} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} |")

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import TASKWORLD_TASK, ConfigError, EvaluateConfig
+from compress.data.sources import LOCAL_BUILDERS
 from compress.hub import offline
 
 TASKWORLD_LM_EVAL = "distillflow_taskworld"
-LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text"}
 
 
 def lm_eval_names(cfg: EvaluateConfig) -> list[str]:
@@ -34,17 +34,15 @@ def include_paths(cfg: EvaluateConfig, taskworld_dir: Path | None) -> list[str]:
     return paths
 
 
-def task_manager(cfg: EvaluateConfig, taskworld_dir: Path | None = None, defaults: bool | None = None):
+def task_manager(cfg: EvaluateConfig, taskworld_dir: Path | None = None):
     """An lm-eval TaskManager over the local YAMLs, plus lm-eval's own tasks when a name needs them."""
     from lm_eval.tasks import TaskManager
 
     paths = include_paths(cfg, taskworld_dir)
-    if defaults is None:
-        local = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
-        defaults = any(n not in (local.all_tasks if local else []) for n in user_task_names(cfg))
-        if not defaults and local is not None:
-            return local
-    return TaskManager(include_path=paths or None, include_defaults=defaults)
+    local = TaskManager(include_path=paths, include_defaults=False) if paths else None
+    if local is not None and all(n in local.all_tasks for n in user_task_names(cfg)):
+        return local
+    return TaskManager(include_path=paths or None, include_defaults=True)
 
 
 def user_task_names(cfg: EvaluateConfig) -> list[str]:

@@ -60,14 +60,7 @@ def _preflight(cfg: PipelineConfig, full: bool):
     _env_defaults()
     from flows.plan import preflight
 
-    try:
-        pf = preflight(cfg, full=full)
-    except ConfigError as e:
-        _fail(str(e))
-    except Exception as e:
-        if os.environ.get("DISTILLFLOW_DEBUG"):
-            raise
-        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", code=1)
+    pf = _guard(lambda: preflight(cfg, full=full))
     for w in pf.warnings:
         typer.echo(f"warning: {w}", err=True)
     return pf
@@ -97,7 +90,7 @@ def _run_pipeline(cfg: PipelineConfig) -> dict:
     t0 = time.time()
     starting = _start_ephemeral_prefect()
     _preflight(cfg, full=True)
-    from evaluation.report import format_stages, format_table, score_columns, scores_table
+    from evaluation.report import data_line, format_stages, format_table, score_columns, scores_table
     from flows.compress import compress_pipeline
 
     if starting is not None:
@@ -109,11 +102,7 @@ def _run_pipeline(cfg: PipelineConfig) -> dict:
         typer.echo("\n" + scores_table(summary))
     data = summary.get("data") or {}
     if data:
-        typer.echo(
-            f"\ndata: {data['prompts']:,} training prompts; dropped {data['duplicates_dropped']:,} duplicates, "
-            f"{data['eval_overlap_dropped']:,} prompts found in an evaluation set and "
-            f"{data.get('too_long_dropped', 0):,} longer than {data.get('max_prompt_tokens')} tokens"
-        )
+        typer.echo("\ndata: " + data_line(data))
     typer.echo("\nstages:\n" + format_stages(summary))
     hits = sum(s["cached"] for s in summary["stages"].values())
     total = len(summary["stages"])
@@ -203,10 +192,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. r
     typer.echo(format_table(summary) + "\n\nstages:\n" + format_stages(summary))
 
 
-def _guard(fn) -> None:
-    """Run ``fn``; report a failure as one line (set DISTILLFLOW_DEBUG=1 for the traceback)."""
+def _guard(fn):
+    """Run ``fn`` and return its result; report a failure as one line (DISTILLFLOW_DEBUG=1: traceback)."""
     try:
-        fn()
+        return fn()
     except ConfigError as e:
         _fail(str(e))
     except (KeyboardInterrupt, typer.Exit):

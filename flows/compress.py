@@ -144,7 +144,7 @@ def _setup(cfg: PipelineConfig) -> tuple[Context, StageRunner]:
         run_dir=run_dir,
         teacher_dir=pf.teacher.path,
         teacher_id=teacher_identity(cfg, pf.teacher),
-        eval_id=write_eval_tasks(cfg, tasks_dir),
+        eval_id=write_eval_tasks(cfg.taskworld, cfg.evaluate, tasks_dir),
         tasks_dir=tasks_dir,
         device=device,
     )

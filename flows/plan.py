@@ -19,9 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.config import ConfigError, DatasetSource, PipelineConfig
+from compress.config import (
+    ConfigError,
+    DatasetSource,
+    EvaluateConfig,
+    PipelineConfig,
+    TaskWorldConfig,
+    first_line,
+)
 from compress.hub import ResolvedModel, checkpoint_layout, read_model_config, resolve_model, text_config
-from compress.lineage import sha256_path, sha256_path_cached, source_hash
+from compress.lineage import hash_cache_file, sha256_path, sha256_path_cached, source_hash
 
 HEAD_ROWS = 5
 
@@ -87,8 +94,7 @@ def _tokenizer(cfg: PipelineConfig, teacher: ResolvedModel):
     try:
         return load_tokenizer(teacher.path, cfg.teacher.trust_remote_code)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"teacher.path: cannot load the tokenizer from '{teacher.path}': {first}") from None
+        raise ConfigError(f"teacher.path: cannot load the tokenizer from '{teacher.path}': {first_line(e)}") from None
 
 
 def _check_headline(cfg: PipelineConfig, tasks: list[dict[str, Any]]) -> None:
@@ -146,24 +152,23 @@ def check_data(cfg: PipelineConfig, tokenizer, full: bool) -> list[str]:
 
 def teacher_identity(cfg: PipelineConfig, teacher: ResolvedModel) -> str:
     """The teacher's content identity: hub id @ commit, or the sha256 of a local directory."""
-    return teacher.identity or sha256_path_cached(teacher.path, Path(cfg.runs_dir) / ".hashcache.json")
+    return teacher.identity or sha256_path_cached(teacher.path, hash_cache_file(cfg.runs_dir))
 
 
-def write_eval_tasks(cfg: PipelineConfig, tasks_dir: Path) -> str:
+def write_eval_tasks(world: TaskWorldConfig, evaluate: EvaluateConfig, tasks_dir: Path) -> str:
     """Write the task world's held-out task (when evaluated) into ``tasks_dir``; return the eval sets' identity."""
     from compress.config import TASKWORLD_TASK
     from compress.data.taskworld import make_splits
     from evaluation.harness import write_task
     from evaluation.tasks import lm_eval_names
 
-    h = hashlib.sha256("\0".join(lm_eval_names(cfg.evaluate)).encode())
-    if TASKWORLD_TASK in cfg.evaluate.tasks:
-        w = cfg.taskworld
-        _, heldout = make_splits(w.tasks, w.n_train, w.n_heldout, w.seed)
-        yaml_path = write_task(heldout, tasks_dir, cfg.evaluate.max_gen_toks)
+    h = hashlib.sha256("\0".join(lm_eval_names(evaluate)).encode())
+    if TASKWORLD_TASK in evaluate.tasks:
+        _, heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+        yaml_path = write_task(heldout, tasks_dir, evaluate.max_gen_toks)
         h.update(sha256_path(yaml_path.parent / "heldout.jsonl").encode())
-    if cfg.evaluate.include_path is not None:
-        h.update(sha256_path(cfg.evaluate.include_path).encode())
+    if evaluate.include_path is not None:
+        h.update(sha256_path(evaluate.include_path).encode())
     return h.hexdigest()
 
 
@@ -186,7 +191,7 @@ def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
     from tasks.stage import PlanRunner
 
     with tempfile.TemporaryDirectory() as tmp:
-        eval_id = write_eval_tasks(cfg, Path(tmp))
+        eval_id = write_eval_tasks(cfg.taskworld, cfg.evaluate, Path(tmp))
     run_dir = cfg.run_dir.resolve()
     device = planned_device(cfg)
     ctx = Context(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.config import DatasetSource, PipelineConfig, config_hash
+from compress.config import DatasetSource, EvaluateConfig, PipelineConfig, config_hash
 from tasks.stage import Done, Stage
 
 # Fields that change how generation runs, not what it produces: kept out of the cache key.
@@ -143,24 +143,41 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run) -> dict[str, Done]:
         models[name] = (d / name, trained.hashes.get(name))
     for name, (model_dir, model_sha) in models.items():
         done[f"evaluate_{name}"] = run(
-            Stage(
-                name=f"evaluate_{name}",
-                task="evaluate",
-                params={
-                    "model_dir": str(model_dir),
-                    "tasks_dir": str(ctx.tasks_dir),
-                    "cfg": c.evaluate,
-                    "label": name,
-                    "device": ctx.device,
-                    "dtype": dtype,
-                    "trust_remote_code": remote,
-                },
-                key=[config_hash(c.evaluate, exclude={"headline"}), ctx.eval_id, model_sha, dtype, ctx.device],
-                inputs={"model": model_sha, "eval_sets": ctx.eval_id},
-                config=c.evaluate,
+            evaluate_stage(
+                name, model_dir, model_sha, c.evaluate, ctx.tasks_dir, ctx.eval_id, ctx.device, dtype, remote
             )
         )
     return done
+
+
+def evaluate_stage(
+    name: str,
+    model_dir: Path,
+    model_sha: str | None,
+    evaluate: EvaluateConfig,
+    tasks_dir: Path,
+    eval_id: str,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+) -> Stage:
+    """lm-eval of one checkpoint on every task: the pipeline's evaluations and the evaluate-only flow's."""
+    return Stage(
+        name=f"evaluate_{name}",
+        task="evaluate",
+        params={
+            "model_dir": str(model_dir),
+            "tasks_dir": str(tasks_dir),
+            "cfg": evaluate,
+            "label": name,
+            "device": device,
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+        },
+        key=[config_hash(evaluate, exclude={"headline"}), eval_id, model_sha, dtype, device],
+        inputs={"model": model_sha, "eval_sets": eval_id},
+        config=evaluate,
+    )
 
 
 def _join(*hashes: str | None) -> str | None:

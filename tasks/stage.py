@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from compress.config import config_hash
-from compress.lineage import read_json, record_stage, sha256_path_cached
+from compress.lineage import hash_cache_file, read_json, record_stage, sha256_path_cached
 
 # Stage families in pipeline order: forcing one re-runs it and every family after it.
 ORDER = ("prepare", "prune", "generate", "distill", "evaluate")
@@ -90,7 +90,7 @@ class StageRunner:
         self.code, self.code_version, self.packages, self.device = code, code_version, packages, device
         self.force_from = min((ORDER.index(f) for f in force or []), default=len(ORDER))
         self.concurrency_limit = concurrency_limit
-        self.hash_cache = self.run_dir.parent / ".hashcache.json"
+        self.hash_cache = hash_cache_file(self.run_dir.parent)
         self.stages: dict[str, dict[str, Any]] = {}
 
     def key(self, stage: Stage) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from compress.config import ConfigError, DataConfig, DatasetSource, TaskWorldConfig, TaskWorldSource
+from compress.config import ConfigError, DataConfig, DatasetSource, TaskWorldConfig, TaskWorldSource, first_line
 from compress.data.taskworld import END, make_splits
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text"}
@@ -172,8 +172,7 @@ def read_source(src: DatasetSource, head: int | None = None, where: str = "data.
     except DataError:
         raise
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{where}: cannot read '{src.label}' (split {src.split!r}): {first}") from None
+        raise DataError(f"{where}: cannot read '{src.label}' (split {src.split!r}): {first_line(e)}") from None
 
 
 def _limited(ds, src: DatasetSource):
