@@ -69,27 +69,26 @@ def _preflight(cfg: PipelineConfig, full: bool):
 def _start_ephemeral_prefect() -> threading.Thread | None:
     """Start Prefect's ephemeral API server in the background (none is needed with PREFECT_API_URL).
 
-    Starting it takes about 5 s here; it overlaps with preflight and the heavy imports instead of
-    following them. The flow reuses the same server (it is a per-process singleton).
+    Starting it takes about 5 s here; it overlaps with the heavy imports instead of following them.
+    The flow reuses the same server (it is a per-process singleton). Called only after preflight
+    passed, so a bad config's one-line error is never mixed with server output. The server module
+    is imported here, in the calling thread: importing Prefect's pydantic models from two threads at
+    once races in pydantic's schema building (seen as spurious UnsupportedFieldAttributeWarning).
     """
     _env_defaults()
     if os.environ.get("PREFECT_API_URL"):
         return None
+    from prefect.server.api.server import SubprocessASGIServer
 
-    def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        SubprocessASGIServer().start()
-
-    thread = threading.Thread(target=start, name="prefect-ephemeral-start", daemon=True)
+    thread = threading.Thread(target=lambda: SubprocessASGIServer().start(), name="prefect-start", daemon=True)
     thread.start()
     return thread
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict:
     t0 = time.time()
-    starting = _start_ephemeral_prefect()
     _preflight(cfg, full=True)
+    starting = _start_ephemeral_prefect()
     from evaluation.report import data_line, format_stages, format_table, score_columns, scores_table
     from flows.compress import compress_pipeline
 
