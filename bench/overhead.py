@@ -37,7 +37,7 @@ def direct(cfg, run_dir: Path) -> float:
     from compress.data.taskworld import read_jsonl
     from compress.distill.recipe import distill_student
     from compress.models import load_tokenizer, resolve_device
-    from compress.prune.depth import prune_depth
+    from compress.prune.prune import prune_model
     from compress.serving.vllm_server import VLLMServer
     from evaluation.harness import evaluate_checkpoint
     from evaluation.tasks import eval_texts
@@ -58,8 +58,16 @@ def direct(cfg, run_dir: Path) -> float:
         (cfg.prune.calibration_source, cfg.prune.calibration_samples),
         max_prompt_tokens=cfg.generate.max_model_len - cfg.generate.max_tokens,
     )
-    texts = [r["text"] for r in read_jsonl(data / "calibration.jsonl")]
-    prune_depth(teacher, texts, cfg.prune, run_dir / "pruned", device, cfg.teacher.dtype)
+    rows = read_jsonl(data / "calibration.jsonl")
+    prune_model(
+        teacher,
+        [r["text"] for r in rows],
+        cfg.prune,
+        run_dir / "pruned",
+        device,
+        cfg.teacher.dtype,
+        completion_starts=[r.get("completion_start", 0) for r in rows],
+    )
     g = cfg.generate
     with VLLMServer(
         teacher,

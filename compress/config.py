@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -214,17 +215,71 @@ class DataConfig(StrictModel):
         return self
 
 
-class PruneConfig(StrictModel):
-    """Depth pruning by ShortGPT block influence on calibration data."""
+WIDTH_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
-    method: Literal["depth"] = "depth"
-    target_layers: int = Field(default=4, ge=1, description="Decoder layers the pruned model keeps.")
+
+class PruneConfig(StrictModel):
+    """Depth and width pruning (ShortGPT, Minitron) by importance on calibration data.
+
+    Give ``target_ratio`` (student parameters over the teacher's), or explicit sizes, or both (explicit
+    sizes are kept; the ratio sizes the free axes of ``method``). Nothing given = ratio 0.5.
+    """
+
+    method: Literal["depth", "width", "both"] = Field(
+        default="depth", description="depth: drop layers; width: heads, neurons, hidden channels; both."
+    )
+    target_ratio: float | None = Field(
+        default=None, gt=0, le=1, description="Student parameters over teacher parameters (0.5 when no size is set)."
+    )
+    num_layers: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices("num_layers", "target_layers"),
+        description="Decoder layers the student keeps (target_layers is accepted too).",
+    )
+    hidden_size: int | None = Field(default=None, ge=1, description="Hidden (embedding) channels kept.")
+    intermediate_size: int | None = Field(default=None, ge=1, description="MLP neurons kept per layer.")
+    num_attention_heads: int | None = Field(default=None, ge=1, description="Query heads kept per layer.")
+    num_key_value_heads: int | None = Field(default=None, ge=1, description="KV heads (GQA groups) kept per layer.")
+    selection: Literal["importance", "random", "last_layers"] = Field(
+        default="importance", description="importance, or a baseline: random (seeded) or drop the last units."
+    )
+    depth_metric: Literal["block_influence", "loss_increase"] = Field(
+        default="block_influence", description="Layer ranking: ShortGPT block influence, or LM-loss increase."
+    )
+    aggregation: Literal["l2", "mean"] = Field(
+        default="l2", description="Width importance over the calibration batch: L2 (Minitron) or mean."
+    )
+    width_multiple: int | None = Field(
+        default=None, ge=1, description="Round hidden and FFN sizes to this (auto: 64 for sizes >= 1024, else 8)."
+    )
+    seed: int = Field(default=0, description="Seed of selection: random.")
     calibration_samples: int = Field(default=128, ge=1, description="Calibration texts used to score layers.")
     calibration_seq_len: int = Field(default=512, ge=8, description="Tokens per calibration text (truncated).")
     calibration_source: DataSource | None = Field(
         default=None, description="Own calibration data; unset = the first training rows."
     )
     batch_size: int = Field(default=32, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes_fit_method(self) -> PruneConfig:
+        if self.method == "depth":
+            wrong = [f for f in WIDTH_SIZES if getattr(self, f) is not None]
+            if wrong:
+                raise ValueError(f"{wrong[0]} is a width size: set method to width or both")
+        if self.method == "width" and self.num_layers is not None:
+            raise ValueError("num_layers is a depth size: set method to depth or both")
+        return self
+
+    def explicit_sizes(self) -> dict[str, int]:
+        """The sizes set explicitly, by config field name."""
+        return {f: getattr(self, f) for f in ("num_layers", *WIDTH_SIZES) if getattr(self, f) is not None}
+
+    def effective_ratio(self) -> float | None:
+        """``target_ratio``, or 0.5 when neither it nor any size is set."""
+        if self.target_ratio is None and not self.explicit_sizes():
+            return 0.5
+        return self.target_ratio
 
 
 class EndpointConfig(StrictModel):

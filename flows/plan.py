@@ -40,6 +40,7 @@ class Preflight:
     teacher: ResolvedModel
     model_config: dict[str, Any]
     layout: dict[str, Any]
+    student: dict[str, Any]
     data: list[str] = field(default_factory=list)
     tasks: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -65,10 +66,7 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     tc = text_config(model_config)
     if "num_hidden_layers" not in tc:
         raise ConfigError(f"teacher.path: '{cfg.teacher.path}' config.json has no num_hidden_layers (not a decoder)")
-    if cfg.prune.target_layers > tc["num_hidden_layers"]:
-        raise ConfigError(
-            f"prune.target_layers: {cfg.prune.target_layers} exceeds the teacher's {tc['num_hidden_layers']} layers"
-        )
+    student = check_prune(cfg, teacher)
     needs_template = cfg.evaluate.apply_chat_template or any(
         getattr(s, "messages_field", None) for s in [*cfg.effective_data().sources, cfg.prune.calibration_source]
     )
@@ -84,7 +82,21 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     if full and teacher.hub_id:
         teacher = resolve_model(cfg.teacher, download=True)
     layout = checkpoint_layout(teacher.path, model_config)
-    return Preflight(teacher, model_config, layout, data, tasks, warnings)
+    return Preflight(teacher, model_config, layout, student, data, tasks, warnings)
+
+
+def check_prune(cfg: PipelineConfig, teacher: ResolvedModel) -> dict[str, Any]:
+    """The student's shape and parameter count from the teacher's config.json (one-line error when invalid)."""
+    from compress.prune.families import UnsupportedArchitecture
+    from compress.prune.prune import plan_shape
+
+    try:
+        return plan_shape(teacher.path, cfg.prune, cfg.teacher.trust_remote_code)
+    except UnsupportedArchitecture as e:
+        raise ConfigError(f"teacher.path: {e}") from None
+    except ValueError as e:
+        msg = first_line(e)
+        raise ConfigError(msg if msg.startswith("prune") else f"prune: {msg}") from None
 
 
 def _tokenizer(cfg: PipelineConfig, teacher: ResolvedModel):
@@ -172,15 +184,6 @@ def write_eval_tasks(world: TaskWorldConfig, evaluate: EvaluateConfig, tasks_dir
     return h.hexdigest()
 
 
-def expected_student(cfg: PipelineConfig, pf: Preflight) -> dict[str, Any]:
-    """Parameters the pruned student will have: the teacher less its mean layer size per dropped layer."""
-    layers = pf.layout["layer_params"]
-    drop = len(layers) - cfg.prune.target_layers
-    per_layer = sum(layers) / max(1, len(layers))
-    params = int(pf.layout["params"] - drop * per_layer)
-    return {"layers": cfg.prune.target_layers, "params": params, "ratio": params / pf.layout["params"]}
-
-
 def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
     """(stage, "cache hit" | "will run") per stage, predicted from the run directory.
 
@@ -217,13 +220,14 @@ def describe(cfg: PipelineConfig, source: str, pf: Preflight) -> str:
     arch = ",".join(pf.model_config.get("architectures") or [tc.get("model_type", "?")])
     where = f"hub {pf.teacher.hub_id}@{pf.teacher.commit[:12]}" if pf.teacher.hub_id else "local"
     exact = "" if pf.layout["exact"] else " (estimated from config.json)"
-    student = expected_student(cfg, pf)
+    st, shape = pf.student, pf.student["student"]
     lines = [
         f"config    {source}: valid",
         f"teacher   {cfg.teacher.path} ({where}): {arch}, {tc['num_hidden_layers']} layers, "
         f"hidden {tc['hidden_size']}, {pf.layout['params']:,} params{exact}",
-        f"student   depth pruning to {student['layers']} layers: ~{student['params']:,} params "
-        f"({student['ratio']:.1%} of the teacher)",
+        f"student   {cfg.prune.method} pruning ({cfg.prune.selection}) to {shape['num_layers']} layers, hidden "
+        f"{shape['hidden_size']}, FFN {shape['intermediate_size']}, heads {shape['num_attention_heads']}/"
+        f"{shape['num_key_value_heads']} KV: {st['params_after']:,} params ({st['ratio']:.1%} of the teacher)",
         f"device    {cfg.device} ({planned_device(cfg)})",
         "data",
         *(f"  {line}" for line in pf.data),

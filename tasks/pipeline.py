@@ -87,6 +87,7 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run) -> dict[str, Done]:
                 "device": ctx.device,
                 "dtype": dtype,
                 "trust_remote_code": remote,
+                "teacher_id": ctx.teacher_id,
             },
             key=[c.prune, ctx.teacher_id, prep.hashes.get("calibration"), dtype, ctx.device],
             inputs={"teacher": ctx.teacher_id, "calibration": prep.hashes.get("calibration")},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from compress.data.sources import prepare_data
 from compress.data.taskworld import read_jsonl
 from compress.distill.recipe import distill_student
 from compress.models import load_tokenizer
-from compress.prune.depth import prune_depth
+from compress.prune.prune import prune_model
 from compress.serving.vllm_server import ServerError, VLLMServer
 from evaluation.harness import evaluate_checkpoint
 from evaluation.tasks import eval_texts
@@ -126,11 +127,40 @@ def prune_task(
     device: str,
     dtype: str,
     trust_remote_code: bool,
+    teacher_id: str | None = None,
 ) -> dict:
-    """Depth-prune the teacher by block influence on the calibration texts."""
-    texts = [r["text"] for r in read_jsonl(Path(calibration))]
-    record = prune_depth(Path(teacher_dir), texts, cfg, Path(out_dir), device, dtype, trust_remote_code)
-    get_run_logger().info("kept layers %s of %d", record["kept_layers"], len(record["scores"]))
+    """Prune the teacher (depth, width or both) by importance on the calibration texts."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from compress.prune.report import importance_table
+
+    logger = get_run_logger()
+    rows = read_jsonl(Path(calibration))
+    record = prune_model(
+        Path(teacher_dir),
+        [r["text"] for r in rows],
+        cfg,
+        Path(out_dir),
+        device,
+        dtype,
+        trust_remote_code,
+        teacher_id,
+        logger.info,
+        [r.get("completion_start", 0) for r in rows],
+    )
+    work = Path(out_dir).parent
+    scores = json.loads((work / "importance.json").read_text())
+    create_markdown_artifact(
+        key="prune-importance",
+        description="Pruning: importance per layer and head, parameters and calibration loss",
+        markdown=(
+            f"**{record['method']} pruning ({record['selection']})**: parameters {record['params_before']:,} -> "
+            f"{record['params_after']:,} ({record['ratio']:.1%}); calibration loss "
+            f"{record['calibration_loss_before']:.4f} -> {record['calibration_loss_after']:.4f}\n\n"
+            f"student shape: {record['student_shape']}\n\n"
+            f"{importance_table(scores, record)}\n\nplot: `{work / 'plots' / 'importance.png'}`"
+        ),
+    )
     return {"path": out_dir, **record}
 
 

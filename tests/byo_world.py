@@ -148,7 +148,7 @@ def pipeline_config(root: Path, world: dict[str, Path], vllm_python: Path) -> di
         "data": {
             "sources": [{"path": "json", "data_files": str(world["chat"]), "messages_field": "messages"}],
         },
-        "prune": {"target_layers": 2, "calibration_samples": 16, "calibration_seq_len": 64},
+        "prune": {"num_layers": 2, "calibration_samples": 16, "calibration_seq_len": 64},
         "generate": {
             "vllm_python": str(vllm_python),
             "top_k": 4,

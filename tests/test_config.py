@@ -23,8 +23,8 @@ def test_demo_config_is_valid():
 
 def test_overrides_are_typed(tiny_model_dir, tmp_path):
     p = _write(tmp_path, f"teacher: {{path: {tiny_model_dir}}}\n")
-    cfg = load_config(p, ["prune.target_layers=2", "distill.kd_weight=0.25", "taskworld.tasks=[rev, add]"])
-    assert cfg.prune.target_layers == 2 and cfg.distill.kd_weight == 0.25
+    cfg = load_config(p, ["prune.num_layers=2", "distill.kd_weight=0.25", "taskworld.tasks=[rev, add]"])
+    assert cfg.prune.num_layers == 2 and cfg.distill.kd_weight == 0.25
     assert cfg.taskworld.tasks == ["rev", "add"]
 
 
@@ -32,7 +32,7 @@ def test_overrides_are_typed(tiny_model_dir, tmp_path):
     ("extra", "field"),
     [
         ("prune: {target_layer: 3}", "prune.target_layer: unknown key"),
-        ("prune: {target_layers: many}", "prune.target_layers"),
+        ("prune: {num_layers: many}", "prune.num_layers"),
         ("distill: {kd_weight: 2.0}", "distill.kd_weight"),
         ("bogus: 1", "bogus: unknown key"),
     ],
@@ -60,7 +60,7 @@ def test_config_hash_changes_with_content(tiny_model_dir):
     a = PipelineConfig(teacher={"path": tiny_model_dir})
     b = a.model_copy(deep=True)
     assert config_hash(a) == config_hash(b)
-    b.prune.target_layers = 3
+    b.prune.num_layers = 3
     assert config_hash(a) != config_hash(b)
 
 
@@ -69,7 +69,7 @@ def test_config_hash_changes_with_content(tiny_model_dir):
     [
         ("teacher: {path: /missing}\n", [], "teacher.path"),
         ("teacher: {path: TEACHER}\nprune: {depth: 2}\n", [], "prune.depth: unknown key"),
-        ("teacher: {path: TEACHER}\n", ["prune.target_layers=abc"], "prune.target_layers"),
+        ("teacher: {path: TEACHER}\n", ["prune.num_layers=abc"], "prune.num_layers"),
     ],
 )
 def test_cli_bad_config_is_one_line_without_traceback(tmp_path, tiny_model_dir, body, overrides, expect):

@@ -19,7 +19,7 @@ def _config(tmp_path, teacher_dir) -> PipelineConfig:
             "runs_dir": str(tmp_path / "runs"),
             "teacher": {"path": str(teacher_dir)},
             "taskworld": {"tasks": ["rev", "max"], "n_train": 48, "n_heldout": 12, "seed": 0},
-            "prune": {"target_layers": 2, "calibration_samples": 16},
+            "prune": {"num_layers": 2, "calibration_samples": 16},
             "generate": {"vllm_python": str(VLLM_PYTHON), "top_k": 4, "max_tokens": 6, "dtype": "float32"},
             "distill": {"train": {"max_steps": 4, "batch_size": 16}},
             "evaluate": {"batch_size": 16, "max_gen_toks": 6},

@@ -29,7 +29,7 @@ def test_plan_tiny_config():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "LlamaForCausalLM, 8 layers, hidden 128, 1,586,560 params" in out
-    assert "depth pruning to 4 layers: ~799,104 params (50.4% of the teacher)" in out
+    assert "depth pruning (importance) to 4 layers, hidden 128, FFN 384, heads 4/2 KV: 799,104 params (50.4%" in out
     assert "task world (rev, sort, max, dup, rot), 4000 training prompts" in out
     assert "taskworld -> distillflow_taskworld" in out
     for stage in ("prepare", "prune", "generate", "distill_student", "distill_sft", "evaluate_sft"):
@@ -106,18 +106,43 @@ def test_trust_remote_code_warns(tmp_path):
     assert "warning: teacher.trust_remote_code is on" in proc.stderr
 
 
-def test_expected_student_size_is_exact_for_depth(tiny_model_dir):
-    """plan's estimate equals what depth pruning really keeps (layers of one shape)."""
-    from compress.models import count_params, load_model
-    from compress.prune.depth import drop_layers
-    from flows.plan import expected_student, preflight
+@pytest.mark.parametrize(
+    "prune", [{"num_layers": 2}, {"method": "both", "target_ratio": 0.5}, {"method": "width", "hidden_size": 32}]
+)
+def test_planned_student_size_is_exact(tiny_model_dir, tmp_path, prune):
+    """plan's student parameters are what pruning really produces."""
+    from compress.models import checkpoint_params, count_params, load_model
+    from compress.prune.prune import prune_model
+    from flows.plan import preflight
 
-    cfg = PipelineConfig(teacher={"path": tiny_model_dir}, prune={"target_layers": 2})
+    cfg = PipelineConfig(teacher={"path": tiny_model_dir}, prune=prune)
     pf = preflight(cfg, full=False)
-    model = load_model(tiny_model_dir)
-    assert pf.layout["exact"] and pf.layout["params"] == count_params(model)
-    drop_layers(model, [0, 3])
-    assert expected_student(cfg, pf)["params"] == count_params(model)
+    assert pf.layout["exact"] and pf.layout["params"] == count_params(load_model(tiny_model_dir))
+    prune_model(tiny_model_dir, ["rev abc=cba\n", "sort 321=123\n"], cfg.prune, tmp_path / "p")
+    assert pf.student["params_after"] == checkpoint_params(tmp_path / "p")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("prune.num_layers=9", "prune.num_layers=9 must be between 1 and the teacher's 4"),
+        ("prune.method=width", "num_layers is a depth size: set method to depth or both"),
+        ("prune.hidden_size=64", "hidden_size is a width size: set method to width or both"),
+    ],
+)
+def test_prune_targets_are_checked_before_any_stage(tiny_model_dir, tmp_path, setting, message):
+    proc = _cli(
+        "plan",
+        "configs/tiny.yaml",
+        "--set",
+        f"teacher.path={tiny_model_dir}",
+        "--set",
+        setting,
+        "--set",
+        f"runs_dir={tmp_path}",
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_data_errors_are_config_errors():

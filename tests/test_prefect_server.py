@@ -38,7 +38,7 @@ def _config(runs: Path, teacher: Path, name: str, n_train: int = 48) -> dict:
         "tags": ["test"],
         "teacher": {"path": str(teacher)},
         "taskworld": {"tasks": ["rev", "max"], "n_train": n_train, "n_heldout": 12, "seed": 0},
-        "prune": {"target_layers": 2, "calibration_samples": 16},
+        "prune": {"num_layers": 2, "calibration_samples": 16},
         "generate": {"vllm_python": str(VLLM_PYTHON), "top_k": 4, "max_tokens": 6, "dtype": "float32"},
         "distill": {"train": {"max_steps": 4, "batch_size": 16}},
         "evaluate": {"batch_size": 16, "max_gen_toks": 6},

@@ -285,6 +285,16 @@ def calibration_text(row: dict[str, Any]) -> str:
     return row["prompt"] + answer + (END if row.get("task") and answer else "")
 
 
+def calibration_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``text`` and ``completion_start``: the character where the reference answer begins (0 = none).
+
+    Pruning's calibration loss counts only the answer's tokens when there is one, as completion-only
+    fine-tuning does: a prompt (in the task world, a random string) is not something to predict.
+    """
+    text = calibration_text(row)
+    return {"text": text, "completion_start": len(row["prompt"]) if row.get("answer") else 0}
+
+
 # ---------------------------------------------------------------------------------------------- mixing
 
 
@@ -420,7 +430,7 @@ def prepare_data(
     calib_rows = rows if calib_src is None else load_rows(calib_src, 0, world, tokenizer, "prune.calibration_source")
     out_dir = Path(out_dir)
     write_jsonl(rows, out_dir / "prompts.jsonl")
-    write_jsonl([{"text": calibration_text(r)} for r in calib_rows[:n_calib]], out_dir / "calibration.jsonl")
+    write_jsonl([calibration_row(r) for r in calib_rows[:n_calib]], out_dir / "calibration.jsonl")
     report = {
         "prompts": len(rows),
         "too_long_dropped": sum(s["too_long_dropped"] for s in stats),

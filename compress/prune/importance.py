@@ -1,68 +1,223 @@
-"""Layer importance on calibration data.
+"""Importance of layers, attention heads, MLP neurons and hidden channels on calibration data.
 
-ShortGPT block influence (arXiv 2403.03853): for decoder layer i with input X_i and output X_{i+1},
+Depth (ShortGPT, arXiv 2403.03853): for decoder layer i with input X_i and output X_{i+1},
 
     BI_i = 1 - E_t[ cos(X_{i,t}, X_{i+1,t}) ]
 
-averaged over the non-padding tokens of the calibration set. Inputs and outputs are captured with
-forward hooks on the decoder layers, not from ``output_hidden_states`` (whose last entry is after
-the final norm in recent transformers, which would bias the last layer's score).
+over the non-padding tokens, and (Minitron) the increase of the calibration LM loss when layer i
+alone is skipped. Inputs and outputs are captured with forward hooks on the decoder layers, not
+from ``output_hidden_states`` (whose last entry is after the final norm in recent transformers).
+
+Width (Minitron, arXiv 2407.14679), forward-only activations:
+  head h     input of o_proj, the head's head_dim channels; score = L2 over those channel scores
+  neuron j   input of down_proj (act(gate(x)) * up(x)), channel j
+  channel c  outputs of the norms feeding attention and MLP in every layer, summed over them
+Per channel, each sample's mean |a| over its tokens, then over the batch: L2 (sqrt of the sum of
+squares, Model-Optimizer's choice, the default) or the mean.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+
+from compress.prune.families import Family
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layer list of a Llama-style causal LM (``model.model.layers``)."""
+    """The decoder layer list of a causal LM (``model.model.layers``)."""
     try:
         return model.model.layers
     except AttributeError as e:
         raise ValueError(f"{type(model).__name__}: no model.layers; unsupported architecture") from e
 
 
-@torch.no_grad()
-def block_influence(
-    model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int | None = None
-) -> list[float]:
-    """ShortGPT block influence of every decoder layer (higher = more important).
+def _batches(
+    tokenizer, texts: list[str], batch_size: int, max_length: int | None, device, starts: list[int] | None = None
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Tokenized batches and their loss masks over next-token targets ([B, T-1]).
 
-    Texts longer than ``max_length`` tokens are truncated; inputs go to the model's device.
+    ``starts[i]`` is the character where text i's completion begins: only targets from there on count
+    (all of them where it is 0 or not given, or the tokenizer cannot map tokens to characters).
+    """
+    tokenizer.padding_side = "right"
+    offsets = starts is not None and any(starts) and getattr(tokenizer, "is_fast", False)
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_offsets_mapping=offsets,
+        )
+        mask = enc["attention_mask"][:, 1:].bool()
+        if offsets:
+            begin = torch.as_tensor(starts[i : i + batch_size])[:, None]
+            mask &= enc.pop("offset_mapping")[:, 1:, 0] >= begin
+        yield enc.to(device), mask.to(device)
+
+
+def _nll_sums(logits: torch.Tensor, enc: dict, mask: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over the ``mask``ed targets of a batch, and their count."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, enc["input_ids"][:, 1:, None]).squeeze(-1)
+    return float(nll[mask].sum()), int(mask.sum())
+
+
+class _ChannelScores:
+    """Per-channel activation importance, accumulated batch by batch (see the module docstring)."""
+
+    def __init__(self, aggregation: str):
+        self.aggregation = aggregation
+        self.acc: torch.Tensor | None = None
+        self.samples = 0
+
+    def add(self, act: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask[..., None].to(act.dtype)
+        per_sample = (act.abs().float() * m).sum(1) / m.sum(1).clamp(min=1)  # [B, C]
+        part = per_sample.pow(2).sum(0) if self.aggregation == "l2" else per_sample.sum(0)
+        self.acc = part.double() if self.acc is None else self.acc + part.double()
+        self.samples += act.shape[0]
+
+    def scores(self) -> torch.Tensor:
+        assert self.acc is not None, "no calibration batch was seen"
+        return self.acc.sqrt() if self.aggregation == "l2" else self.acc / self.samples
+
+
+def _module(layer, dotted: str) -> torch.nn.Module:
+    for part in dotted.split("."):
+        layer = getattr(layer, part)
+    return layer
+
+
+@torch.no_grad()
+def measure_importance(
+    model,
+    family: Family,
+    tokenizer,
+    texts: list[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    aggregation: str = "l2",
+    loss_increase: bool = False,
+    starts: list[int] | None = None,
+) -> dict:
+    """Every importance score in one calibration pass (plus one pass per layer for ``loss_increase``).
+
+    Returns ``{"block_influence": [L], "loss_increase": [L] | None, "heads": [L][nH],
+    "neurons": [L][I], "channels": [H], "calibration_loss": float, "tokens": int}``. Activations are
+    read on every token; the loss counts completions only when ``starts`` gives where they begin.
     """
     layers = decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
+    cfg = model.config
+    n_heads = cfg.num_attention_heads
+    bi_sums = torch.zeros(len(layers), dtype=torch.float64)
+    heads = [_ChannelScores(aggregation) for _ in layers]
+    neurons = [_ChannelScores(aggregation) for _ in layers]
+    channels = [[_ChannelScores(aggregation) for _ in family.importance_norms] for _ in layers]
     state: dict[str, torch.Tensor] = {}
 
-    def hook(idx: int):
+    def on_layer(i: int):
         def fn(module, args, kwargs, output):
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [B, T]
-            sums[idx] += (cos * state["mask"]).sum().double()
+            cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+            bi_sums[i] += (cos * state["mask"]).sum().double()
 
         return fn
 
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    def on_input(scores: _ChannelScores):
+        return lambda module, args: scores.add(args[0], state["mask"])
+
+    def on_output(scores: _ChannelScores):
+        return lambda module, args, output: scores.add(output, state["mask"])
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(on_layer(i), with_kwargs=True))
+        handles.append(_module(layer, "self_attn.o_proj").register_forward_pre_hook(on_input(heads[i])))
+        handles.append(_module(layer, "mlp.down_proj").register_forward_pre_hook(on_input(neurons[i])))
+        for j, norm in enumerate(family.importance_norms):
+            handles.append(_module(layer, norm).register_forward_hook(on_output(channels[i][j])))
+    model.eval()
+    nll, tokens, count = 0.0, 0, 0
     try:
-        model.eval()
-        tokenizer.padding_side = "right"
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-                truncation=max_length is not None,
-                max_length=max_length,
-            ).to(model.device)
+        for enc, loss_mask in _batches(tokenizer, texts, batch_size, max_length, model.device, starts):
             state["mask"] = enc["attention_mask"].float()
             count += int(enc["attention_mask"].sum())
-            model(**enc)
+            s, n = _nll_sums(model(**enc).logits, enc, loss_mask)
+            nll, tokens = nll + s, tokens + n
     finally:
         for h in handles:
             h.remove()
     if count == 0:
         raise ValueError("calibration set is empty")
-    return [float(1.0 - s / count) for s in sums]
+    head_dim = heads[0].scores().numel() // n_heads
+    base_loss = nll / max(1, tokens)
+    out = {
+        "block_influence": [float(1.0 - s / count) for s in bi_sums],
+        "loss_increase": None,
+        "heads": [h.scores().view(n_heads, head_dim).pow(2).sum(-1).sqrt().tolist() for h in heads],
+        "neurons": [n.scores().tolist() for n in neurons],
+        "channels": torch.stack([c.scores() for per_layer in channels for c in per_layer]).sum(0).tolist(),
+        "calibration_loss": base_loss,
+        "tokens": tokens,
+    }
+    if loss_increase:
+        out["loss_increase"] = [
+            calibration_loss(model, tokenizer, texts, batch_size, max_length, starts, skip=i) - base_loss
+            for i in range(len(layers))
+        ]
+    return out
+
+
+@torch.no_grad()
+def calibration_loss(
+    model,
+    tokenizer,
+    texts: list[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    starts: list[int] | None = None,
+    skip: int | None = None,
+) -> float:
+    """Mean next-token NLL on the calibration texts (their completions, given ``starts``).
+
+    ``skip=i`` runs with decoder layer i as the identity.
+    """
+    handle = None
+    if skip is not None:
+
+        def identity(module, args, kwargs, output):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
+
+        handle = decoder_layers(model)[skip].register_forward_hook(identity, with_kwargs=True)
+    model.eval()
+    nll, tokens = 0.0, 0
+    try:
+        for enc, loss_mask in _batches(tokenizer, texts, batch_size, max_length, model.device, starts):
+            s, n = _nll_sums(model(**enc).logits, enc, loss_mask)
+            nll, tokens = nll + s, tokens + n
+    finally:
+        if handle is not None:
+            handle.remove()
+    return nll / max(1, tokens)
+
+
+def block_influence(
+    model,
+    tokenizer,
+    texts: list[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    family: Family | None = None,
+) -> list[float]:
+    """ShortGPT block influence of every decoder layer (higher = more important)."""
+    from compress.prune.families import family_of
+
+    fam = family or family_of(model.config)
+    return measure_importance(model, fam, tokenizer, texts, batch_size, max_length)["block_influence"]
