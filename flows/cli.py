@@ -119,6 +119,37 @@ def run(
     _guard(lambda: _run_pipeline(cfg))
 
 
+@app.command()
+def prune(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], set_: SetOpt = None, force: ForceOpt = None
+) -> None:
+    """Run only the prune stage (and the data preparation it needs) on CONFIG."""
+    cfg = _load(config, [*(set_ or []), *_force_overrides(force)])
+    _guard(lambda: _run_prune(cfg))
+
+
+def _run_prune(cfg: PipelineConfig) -> None:
+    t0 = time.time()
+    _preflight(cfg, full=True)
+    starting = _start_ephemeral_prefect()
+    from flows.compress import prune_flow
+
+    if starting is not None:
+        starting.join()
+    result = prune_flow(cfg)
+    r = result.summary["prune"]
+    cached = result.summary["stages"]["prune"]["cached"]
+    typer.echo(
+        f"\n{r['method']} pruning ({r['selection']}), {r['family']}: {r['teacher_shape']} -> {r['student_shape']}\n"
+        f"parameters {r['params_before']:,} -> {r['params_after']:,} ({r['ratio']:.1%}); calibration loss "
+        f"{r['calibration_loss_before']:.4f} -> {r['calibration_loss_after']:.4f}\n"
+        f"kept layers {r['kept_layers']}\n"
+        f"student checkpoint: {r['path']}{' (cache hit)' if cached else ''}; report: "
+        f"{Path(result.run_dir) / 'importance.json'}, {Path(result.run_dir) / 'plots' / 'importance.png'}\n"
+        f"finished in {time.time() - t0:.1f}s"
+    )
+
+
 def _force_overrides(force: list[str] | None) -> list[str]:
     return [f"force=[{', '.join(force)}]"] if force else []
 

@@ -73,6 +73,17 @@ def compress_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> PipelineResult
         restore()
 
 
+@flow(name="prune", flow_run_name="{config.name}-prune")
+def prune_flow(config: PipelineConfig = DEFAULT_CONFIG) -> PipelineResult:
+    """Only prepare and prune: the student checkpoint, importance scores, report and plot, in the run dir."""
+    cfg = PipelineConfig.model_validate(config.model_dump())
+    _tag_flow_run(cfg.tags)
+    with tags(*cfg.tags):
+        ctx, runner = _setup(cfg)
+        done = run_pipeline(cfg, ctx, runner, until="prune")
+    return PipelineResult(run_dir=str(ctx.run_dir), summary={"prune": done["prune"].result, "stages": runner.stages})
+
+
 def _cancel_on_sigterm() -> Callable[[], None]:
     """Record a run that is being cancelled as Cancelled, not Crashed, when the runner's SIGTERM lands.
 

@@ -48,8 +48,8 @@ def _sources_content(cfg: PipelineConfig) -> list[str]:
     return [source_fingerprint(s) for s in sources if isinstance(s, DatasetSource)]
 
 
-def run_pipeline(cfg: PipelineConfig, ctx: Context, run) -> dict[str, Done]:
-    """Declare and run every stage in order; ``run(stage) -> Done``. Returns the stages' results by name."""
+def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = None) -> dict[str, Done]:
+    """Declare and run every stage in order (up to ``until``); ``run(stage) -> Done``. Results by name."""
     d, t, c = ctx.run_dir, str(ctx.teacher_dir), cfg
     remote, dtype = c.teacher.trust_remote_code, c.teacher.dtype
     done: dict[str, Done] = {}
@@ -95,6 +95,8 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run) -> dict[str, Done]:
             config=c.prune,
         )
     )
+    if until == "prune":
+        return done
     done["generate"] = gen = run(
         Stage(
             name="generate",
