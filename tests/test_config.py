@@ -94,3 +94,9 @@ def test_cli_missing_config_file(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.teacher.path
