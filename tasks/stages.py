@@ -9,9 +9,9 @@ only (a server that died, a reset connection); bad input fails at once.
 
 from __future__ import annotations
 
+import base64
 import functools
 import inspect
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -132,8 +132,6 @@ def prune_task(
     """Prune the teacher (depth, width or both) by importance on the calibration texts."""
     from prefect.artifacts import create_markdown_artifact
 
-    from compress.prune.report import importance_table
-
     logger = get_run_logger()
     rows = read_jsonl(Path(calibration))
     record = prune_model(
@@ -149,17 +147,17 @@ def prune_task(
         [r.get("completion_start", 0) for r in rows],
     )
     work = Path(out_dir).parent
-    scores = json.loads((work / "importance.json").read_text())
+    png = work / "plots" / "importance.png"
     create_markdown_artifact(
         key="prune-importance",
         description="Pruning: importance per layer and head, parameters and calibration loss",
-        markdown=(
-            f"**{record['method']} pruning ({record['selection']})**: parameters {record['params_before']:,} -> "
-            f"{record['params_after']:,} ({record['ratio']:.1%}); calibration loss "
-            f"{record['calibration_loss_before']:.4f} -> {record['calibration_loss_after']:.4f}\n\n"
-            f"student shape: {record['student_shape']}\n\n"
-            f"{importance_table(scores, record)}\n\nplot: `{work / 'plots' / 'importance.png'}`"
-        ),
+        markdown=(work / "prune.md").read_text() + f"\nrun directory: `{work}`",
+    )
+    # The plot inline (a data URI), so the dashboard shows it without access to the run directory.
+    create_markdown_artifact(
+        key="prune-importance-plot",
+        description=f"Pruning: importance plot ({png})",
+        markdown=f"![importance](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})",
     )
     return {"path": out_dir, **record}
 

@@ -35,6 +35,7 @@ def test_prune_command_caches_the_stage_and_the_importance(tmp_path):
     record = json.loads((run_dir / "prune.json").read_text())
     assert record["student_shape"]["num_layers"] == 6 and not record["importance_reused"]
     assert (run_dir / "plots" / "importance.png").is_file()
+    assert "| layer | block influence |" in (run_dir / "prune.md").read_text()
 
     # Another budget: the stage runs again, but the scores come from importance.json.
     second = _prune(tmp_path, "prune.target_ratio=0.7")

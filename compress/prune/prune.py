@@ -94,7 +94,8 @@ def prune_model(
     answer tokens then (all tokens when it is not given).
 
     ``importance.json`` (the scores, reused when teacher, calibration texts and settings match),
-    ``prune.json`` (this record) and ``plots/importance.png`` go beside ``out_dir``.
+    ``prune.json`` (this record), ``prune.md`` (the importance table) and ``plots/importance.png``
+    go beside ``out_dir``.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -151,9 +152,10 @@ def prune_model(
     }
     record["ratio"] = record["params_after"] / record["params_before"]
     write_json(work / "prune.json", record)
-    from compress.prune.report import plot_importance
+    from compress.prune.report import plot_importance, prune_markdown
 
     plot_importance(scores, record, work / "plots" / "importance.png")
+    (work / "prune.md").write_text(prune_markdown(scores, record))
     log(
         f"kept layers {keep.layers}; calibration loss {record['calibration_loss_before']:.4f} -> "
         f"{loss_after:.4f}; parameters {record['params_before']:,} -> {record['params_after']:,}"

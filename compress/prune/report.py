@@ -28,6 +28,17 @@ def importance_table(scores: dict, record: dict) -> str:
     return "\n".join(lines)
 
 
+def prune_markdown(scores: dict, record: dict) -> str:
+    """The pruning report: what was cut, parameters and calibration loss, and the importance table."""
+    return (
+        f"# {record['method']} pruning ({record['selection']}, {record['family']})\n\n"
+        f"parameters {record['params_before']:,} -> {record['params_after']:,} ({record['ratio']:.1%}); "
+        f"calibration loss {record['calibration_loss_before']:.4f} -> {record['calibration_loss_after']:.4f}\n\n"
+        f"shape {record['teacher_shape']} -> {record['student_shape']}\n\n"
+        f"{importance_table(scores, record)}\n"
+    )
+
+
 def plot_importance(scores: dict, record: dict, out: Path) -> Path:
     """Layer scores (kept layers dark), per-head scores as a heatmap, hidden channels sorted."""
     import matplotlib
