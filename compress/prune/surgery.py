@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,6 @@ class Keep:
     kv_heads: dict[int, list[int]] | None = None  # per layer: kept KV heads
     neurons: dict[int, list[int]] | None = None  # per layer: kept MLP neurons
     channels: list[int] | None = None  # kept hidden channels (shared by every layer)
-    extra: dict = field(default_factory=dict)
 
 
 def _rows(units: list[int], size: int) -> list[int]:
@@ -156,11 +155,13 @@ def pruned_config(config, family: Family, keep: Keep):
 def build_pruned(model, family: Family, keep: Keep):
     """A new model (same class) holding the pruned weights of ``model``; strict load, on CPU."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = pruned_config(model.config, family, keep)
     state = prune_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config, family, keep)
     dtype = next(model.parameters()).dtype
-    new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():  # every weight is loaded next: random init of billions of params is waste
+        new = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     missing, unexpected = new.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
