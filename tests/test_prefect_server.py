@@ -76,7 +76,8 @@ def server(tmp_path_factory):
     _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/api/health"), 120, "prefect server health")
     _cli(env, "work-pool", "create", "local-process", "--type", "process")
     deployed = _cli(env, "--no-prompt", "deploy", "--all")
-    assert "compress-pipeline/compress" in deployed.stdout, deployed.stdout + deployed.stderr
+    for name in ("compress-pipeline/compress", "prune/prune", "evaluate-only/evaluate-only"):
+        assert name in deployed.stdout, deployed.stdout + deployed.stderr
     worker = spawn([PREFECT, "worker", "start", "--pool", "local-process", "--type", "process"], "worker.log")
     try:
         yield {"env": env, "home": home, "worker": worker, "logs": logs}
