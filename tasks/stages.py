@@ -145,6 +145,7 @@ def prune_task(
         teacher_id,
         logger.info,
         [r.get("completion_start", 0) for r in rows],
+        _progress("prune", "prune"),
     )
     work = Path(out_dir).parent
     png = work / "plots" / "importance.png"

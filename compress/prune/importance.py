@@ -18,7 +18,7 @@ squares, Model-Optimizer's choice, the default) or the mean.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -87,6 +87,20 @@ class _ChannelScores:
         return self.acc.sqrt() if self.aggregation == "l2" else self.acc / self.samples
 
 
+class _Ticker:
+    """Calls ``progress(fraction, message)`` at most every 5% of ``total`` steps."""
+
+    def __init__(self, total: int, progress: Callable[[float, str], None] | None):
+        self.total, self.progress, self.done, self.last = max(1, total), progress, 0, -1.0
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        fraction = self.done / self.total
+        if self.progress and (fraction - self.last >= 0.05 or self.done == self.total):
+            self.progress(fraction, f"{what} ({self.done}/{self.total} calibration batches)")
+            self.last = fraction
+
+
 def _module(layer, dotted: str) -> torch.nn.Module:
     for part in dotted.split("."):
         layer = getattr(layer, part)
@@ -104,6 +118,7 @@ def measure_importance(
     aggregation: str = "l2",
     loss_increase: bool = False,
     starts: list[int] | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> dict:
     """Every importance score in one calibration pass (plus one pass per layer for ``loss_increase``).
 
@@ -125,7 +140,7 @@ def measure_importance(
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-            bi_sums[i] += (cos * state["mask"]).sum().double()
+            bi_sums[i] += float((cos * state["mask"]).sum())  # a Python float: the model may be on a GPU
 
         return fn
 
@@ -143,13 +158,16 @@ def measure_importance(
         for j, norm in enumerate(family.importance_norms):
             handles.append(_module(layer, norm).register_forward_hook(on_output(channels[i][j])))
     model.eval()
+    n_batches = -(-len(texts) // batch_size)
+    ticker = _Ticker(n_batches * (1 + (len(layers) if loss_increase else 0)), progress)
     nll, tokens, count = 0.0, 0, 0
     try:
         for enc, loss_mask in _batches(tokenizer, texts, batch_size, max_length, model.device, starts):
             state["mask"] = enc["attention_mask"].float()
             count += int(enc["attention_mask"].sum())
-            s, n = _nll_sums(model(**enc).logits, enc, loss_mask)
+            s, n = _nll_sums(model(**enc, use_cache=False).logits, enc, loss_mask)
             nll, tokens = nll + s, tokens + n
+            ticker.step("importance")
     finally:
         for h in handles:
             h.remove()
@@ -168,7 +186,7 @@ def measure_importance(
     }
     if loss_increase:
         out["loss_increase"] = [
-            calibration_loss(model, tokenizer, texts, batch_size, max_length, starts, skip=i) - base_loss
+            calibration_loss(model, tokenizer, texts, batch_size, max_length, starts, skip=i, ticker=ticker) - base_loss
             for i in range(len(layers))
         ]
     return out
@@ -183,6 +201,7 @@ def calibration_loss(
     max_length: int | None = None,
     starts: list[int] | None = None,
     skip: int | None = None,
+    ticker: _Ticker | None = None,
 ) -> float:
     """Mean next-token NLL on the calibration texts (their completions, given ``starts``).
 
@@ -200,8 +219,10 @@ def calibration_loss(
     nll, tokens = 0.0, 0
     try:
         for enc, loss_mask in _batches(tokenizer, texts, batch_size, max_length, model.device, starts):
-            s, n = _nll_sums(model(**enc).logits, enc, loss_mask)
+            s, n = _nll_sums(model(**enc, use_cache=False).logits, enc, loss_mask)
             nll, tokens = nll + s, tokens + n
+            if ticker is not None:
+                ticker.step(f"loss with layer {skip} skipped")
     finally:
         if handle is not None:
             handle.remove()

@@ -61,7 +61,7 @@ def importance_key(
 
 
 def _importance(
-    model, family, tokenizer, texts: list[str], starts, cfg: PruneConfig, path: Path, key: str, need_loss: bool
+    model, family, tokenizer, texts, starts, cfg: PruneConfig, path: Path, key: str, need_loss: bool, progress
 ) -> tuple[dict, bool]:
     """Scores from ``path`` when its key matches (and it has what is needed), else measured and written."""
     if path.is_file():
@@ -69,7 +69,16 @@ def _importance(
         if cached.get("key") == key and (not need_loss or cached.get("loss_increase") is not None):
             return cached, True
     scores = measure_importance(
-        model, family, tokenizer, texts, cfg.batch_size, cfg.calibration_seq_len, cfg.aggregation, need_loss, starts
+        model,
+        family,
+        tokenizer,
+        texts,
+        cfg.batch_size,
+        cfg.calibration_seq_len,
+        cfg.aggregation,
+        need_loss,
+        starts,
+        progress,
     )
     scores["key"] = key
     write_json(path, scores)
@@ -87,11 +96,13 @@ def prune_model(
     teacher_id: str | None = None,
     log: Callable[[str], None] = print,
     completion_starts: list[int] | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Any]:
     """Prune ``teacher_dir`` to ``out_dir`` as ``cfg`` says; return the pruning record.
 
     ``completion_starts[i]`` is where text i's answer begins: the calibration loss counts only
-    answer tokens then (all tokens when it is not given).
+    answer tokens then (all tokens when it is not given). ``progress(fraction, message)`` hears
+    about the calibration passes.
 
     ``importance.json`` (the scores, reused when teacher, calibration texts and settings match),
     ``prune.json`` (this record), ``prune.md`` (the importance table) and ``plots/importance.png``
@@ -117,7 +128,7 @@ def prune_model(
     )
     need_loss = cfg.depth_metric == "loss_increase"
     scores, reused = _importance(
-        model, family, calib_tok, calibration_texts, starts, cfg, work / IMPORTANCE_FILE, key, need_loss
+        model, family, calib_tok, calibration_texts, starts, cfg, work / IMPORTANCE_FILE, key, need_loss, progress
     )
     log(("reused" if reused else "measured") + f" importance on {len(calibration_texts)} calibration texts")
     shape = Shape(**planned["student"])
