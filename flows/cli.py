@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -66,34 +65,23 @@ def _preflight(cfg: PipelineConfig, full: bool):
     return pf
 
 
-def _start_ephemeral_prefect() -> threading.Thread | None:
-    """Start Prefect's ephemeral API server in the background (none is needed with PREFECT_API_URL).
-
-    Starting it takes about 5 s here; it overlaps with the heavy imports instead of following them.
-    The flow reuses the same server (it is a per-process singleton). Called only after preflight
-    passed, so a bad config's one-line error is never mixed with server output. The server module
-    is imported here, in the calling thread: importing Prefect's pydantic models from two threads at
-    once races in pydantic's schema building (seen as spurious UnsupportedFieldAttributeWarning).
-    """
+def _local_prefect():
+    """Start the run's own Prefect API server now, so that it boots while preflight and imports run."""
     _env_defaults()
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
+    from flows.local_server import start_local_server
 
-    thread = threading.Thread(target=lambda: SubprocessASGIServer().start(), name="prefect-start", daemon=True)
-    thread.start()
-    return thread
+    return start_local_server()
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict:
     t0 = time.time()
+    server = _local_prefect()
     _preflight(cfg, full=True)
-    starting = _start_ephemeral_prefect()
     from evaluation.report import data_line, format_stages, format_table, score_columns, scores_table
     from flows.compress import compress_pipeline
 
-    if starting is not None:
-        starting.join()  # two starts at once would launch two servers
+    if server is not None:
+        server.wait_ready()
     result = compress_pipeline(cfg)
     summary = result.summary
     typer.echo("\n" + format_table(summary))
@@ -130,12 +118,12 @@ def prune(
 
 def _run_prune(cfg: PipelineConfig) -> None:
     t0 = time.time()
+    server = _local_prefect()
     _preflight(cfg, full=True)
-    starting = _start_ephemeral_prefect()
     from flows.compress import prune_flow
 
-    if starting is not None:
-        starting.join()
+    if server is not None:
+        server.wait_ready()
     result = prune_flow(cfg)
     r = result.summary["prune"]
     cached = result.summary["stages"]["prune"]["cached"]
