@@ -65,23 +65,25 @@ def _preflight(cfg: PipelineConfig, full: bool):
     return pf
 
 
-def _local_prefect():
-    """Start the run's own Prefect API server now, so that it boots while preflight and imports run."""
+def _checked_flow(cfg: PipelineConfig, name: str):
+    """Preflight while the run's own Prefect API server boots; the flow ``flows.compress.<name>`` once it answers."""
     _env_defaults()
     from flows.local_server import start_local_server
 
-    return start_local_server()
+    server = start_local_server()
+    _preflight(cfg, full=True)
+    import flows.compress
+
+    if server is not None:
+        server.wait_ready()
+    return getattr(flows.compress, name)
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict:
     t0 = time.time()
-    server = _local_prefect()
-    _preflight(cfg, full=True)
+    compress_pipeline = _checked_flow(cfg, "compress_pipeline")
     from evaluation.report import data_line, format_stages, format_table, score_columns, scores_table
-    from flows.compress import compress_pipeline
 
-    if server is not None:
-        server.wait_ready()
     result = compress_pipeline(cfg)
     summary = result.summary
     typer.echo("\n" + format_table(summary))
@@ -118,13 +120,7 @@ def prune(
 
 def _run_prune(cfg: PipelineConfig) -> None:
     t0 = time.time()
-    server = _local_prefect()
-    _preflight(cfg, full=True)
-    from flows.compress import prune_flow
-
-    if server is not None:
-        server.wait_ready()
-    result = prune_flow(cfg)
+    result = _checked_flow(cfg, "prune_flow")(cfg)
     r = result.summary["prune"]
     cached = result.summary["stages"]["prune"]["cached"]
     typer.echo(

@@ -87,7 +87,8 @@ class LocalPrefectServer:
 
 
 def start_local_server() -> LocalPrefectServer | None:
-    """A started ``LocalPrefectServer``, or None when the user set ``PREFECT_API_URL``."""
-    if os.environ.get("PREFECT_API_URL"):
+    """A started ``LocalPrefectServer``; None when the user set ``PREFECT_API_URL``, or when Prefect is
+    already imported in this process (its settings are read: it keeps the server it has)."""
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
     return LocalPrefectServer().start()
