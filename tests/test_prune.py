@@ -13,7 +13,7 @@ from compress.models import checkpoint_params, count_params, load_model, load_to
 from compress.prune.families import FAMILIES, UnsupportedArchitecture, family_of
 from compress.prune.importance import block_influence, calibration_loss
 from compress.prune.prune import plan_shape, prune_model
-from compress.prune.shape import check_shape, choose_shape, shape_of
+from compress.prune.shape import check_shape, choose_shape, config_for, shape_of
 from compress.prune.surgery import Keep, build_pruned
 
 HD = 32  # head_dim: vLLM's CPU attention needs >= 32
@@ -172,14 +172,8 @@ def test_target_ratio_picks_a_valid_shape_near_the_budget(family, method, ratio)
         assert (shape.hidden_size, shape.intermediate_size) != (t.hidden_size, t.intermediate_size)
     # Within one step of the coarsest axis of the budget.
     assert abs(params / teacher - ratio) < 0.15, (shape, params / teacher)
-    built = AutoModelForCausalLM.from_config(_resized(config, shape, fam))
+    built = AutoModelForCausalLM.from_config(config_for(config, shape, fam))
     assert count_params(built) == params
-
-
-def _resized(config, shape, fam):
-    from compress.prune.shape import config_for
-
-    return config_for(config, shape, fam)
 
 
 @pytest.mark.parametrize(

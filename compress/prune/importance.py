@@ -33,6 +33,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         raise ValueError(f"{type(model).__name__}: no model.layers; unsupported architecture") from e
 
 
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's hidden-states input, however the model passed it."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _batches(
     tokenizer, texts: list[str], batch_size: int, max_length: int | None, device, starts: list[int] | None = None
 ) -> Iterator[tuple[dict, torch.Tensor]]:
@@ -137,7 +142,7 @@ def measure_importance(
 
     def on_layer(i: int):
         def fn(module, args, kwargs, output):
-            x_in = args[0] if args else kwargs["hidden_states"]
+            x_in = _layer_input(args, kwargs)
             x_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
             bi_sums[i] += float((cos * state["mask"]).sum())  # a Python float: the model may be on a GPU
@@ -211,7 +216,7 @@ def calibration_loss(
     if skip is not None:
 
         def identity(module, args, kwargs, output):
-            x_in = args[0] if args else kwargs["hidden_states"]
+            x_in = _layer_input(args, kwargs)
             return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
 
         handle = decoder_layers(model)[skip].register_forward_hook(identity, with_kwargs=True)

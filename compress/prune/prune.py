@@ -25,8 +25,10 @@ from compress.lineage import write_json
 from compress.models import count_params, load_model, load_tokenizer, save_checkpoint, torch_dtype
 from compress.prune.families import family_of
 from compress.prune.importance import calibration_loss, measure_importance
+from compress.prune.report import plot_importance, prune_markdown
 from compress.prune.selection import select
 from compress.prune.shape import Shape, choose_shape, shape_of
+from compress.prune.surgery import build_pruned
 
 IMPORTANCE_FILE = "importance.json"
 
@@ -133,8 +135,6 @@ def prune_model(
     log(("reused" if reused else "measured") + f" importance on {len(calibration_texts)} calibration texts")
     shape = Shape(**planned["student"])
     keep = select(model.config, scores, shape, cfg.selection, cfg.depth_metric, cfg.seed)
-    from compress.prune.surgery import build_pruned
-
     student = build_pruned(model, family, keep).to(device)
     save_checkpoint(student, tokenizer, out_dir)
     loss_after = calibration_loss(
@@ -163,8 +163,6 @@ def prune_model(
     }
     record["ratio"] = record["params_after"] / record["params_before"]
     write_json(work / "prune.json", record)
-    from compress.prune.report import plot_importance, prune_markdown
-
     plot_importance(scores, record, work / "plots" / "importance.png")
     (work / "prune.md").write_text(prune_markdown(scores, record))
     log(

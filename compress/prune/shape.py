@@ -161,7 +161,8 @@ def _width_candidates(
         return [_fit_ffn(config, base, family, target, step_i, t.intermediate_size)]
     step_h = math.lcm(_multiple(t.hidden_size, width_multiple), base.num_attention_heads)
     out = []
-    for h in [t.hidden_size, *range(t.hidden_size - t.hidden_size % step_h, 0, -step_h)]:
+    # The teacher's own hidden size first, then every multiple of the step below it (once each).
+    for h in dict.fromkeys([t.hidden_size, *range(t.hidden_size - t.hidden_size % step_h, 0, -step_h)]):
         inter = fixed.get(
             "intermediate_size", _round(t.intermediate_size * h / t.hidden_size, step_i, t.intermediate_size)
         )
