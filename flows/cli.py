@@ -82,22 +82,38 @@ def _checked_flow(cfg: PipelineConfig, name: str):
 def _run_pipeline(cfg: PipelineConfig) -> dict:
     t0 = time.time()
     compress_pipeline = _checked_flow(cfg, "compress_pipeline")
-    from evaluation.report import data_line, format_stages, format_table, score_columns, scores_table
+    from compress.gates import GateFailed
+    from compress.lineage import read_json
 
-    result = compress_pipeline(cfg)
-    summary = result.summary
+    try:
+        result = compress_pipeline(cfg)
+    except GateFailed as e:
+        # Every report file is written before a gate fails the run: show the results, then why.
+        summary = read_json(cfg.run_dir.resolve() / "summary.json")
+        _print_summary(summary, cfg.run_dir.resolve(), t0)
+        _fail(f"GateFailed: {e}", code=1)
+    _print_summary(result.summary, Path(result.run_dir), t0)
+    return result.summary
+
+
+def _print_summary(summary: dict, run_dir: Path, t0: float | None = None) -> None:
+    """The results table, every task, the data line, gates and stages, as the terminal shows a run."""
+    from evaluation.report import data_line, format_gates, format_stages, format_table, score_columns, scores_table
+
     typer.echo("\n" + format_table(summary))
     if len(score_columns(summary)) > 1:
         typer.echo("\n" + scores_table(summary))
     data = summary.get("data") or {}
     if data:
         typer.echo("\ndata: " + data_line(data))
+    if summary.get("gates"):
+        typer.echo("\ngates:\n" + format_gates(summary))
     typer.echo("\nstages:\n" + format_stages(summary))
     hits = sum(s["cached"] for s in summary["stages"].values())
     total = len(summary["stages"])
     note = "every stage a cache hit" if hits == total else f"{hits}/{total} stages were cache hits"
-    typer.echo(f"\n{note}; finished in {time.time() - t0:.1f}s; run directory: {result.run_dir}")
-    return summary
+    took = f"finished in {time.time() - t0:.1f}s; " if t0 is not None else ""
+    typer.echo(f"\n{note}; {took}run directory: {run_dir}\nreport: {run_dir / 'report.md'}")
 
 
 @app.command()
@@ -196,14 +212,21 @@ def serve() -> None:
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/demo.")]) -> None:
-    """Print the results table of a finished run."""
-    from compress.lineage import read_json
-    from evaluation.report import format_stages, format_table
+    """Rebuild a finished run's report from its files and print it; exit 1 when a gate is not met.
 
-    summary = read_json(run_dir / "summary.json")
-    if summary is None:
-        _fail(f"{run_dir}/summary.json: not found (has the run finished?)")
-    typer.echo(format_table(summary) + "\n\nstages:\n" + format_stages(summary))
+    Writes summary.json, report.md, the plots and the student's model card again from the run's
+    config.yaml, eval/results.json, eval/run.json, manifest.json and training logs: after a change
+    of evaluate.gates or evaluate.headline in config.yaml, nothing needs to re-run.
+    """
+    from evaluation.build import build_report, failed_gates
+
+    if not (run_dir / "eval" / "results.json").is_file():
+        _fail(f"{run_dir}/eval/results.json: not found (has the run finished its evaluate stages?)")
+    summary = _guard(lambda: build_report(run_dir))
+    _print_summary(summary, run_dir)
+    failed = failed_gates(summary)
+    if failed:
+        _fail(f"GateFailed: {failed}", code=1)
 
 
 def _guard(fn):

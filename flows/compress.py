@@ -168,11 +168,11 @@ def _setup(cfg: PipelineConfig) -> tuple[Context, StageRunner]:
 def _publish(cfg: PipelineConfig, ctx: Context, runner: StageRunner, done: dict) -> PipelineResult:
     """Summary, report, plot and the Prefect artifacts, plus one that says where everything is."""
     evaluated = {k.removeprefix("evaluate_"): d.result for k, d in done.items() if k.startswith("evaluate_")}
-    summary = publish(cfg.name, ctx.run_dir, evaluated, runner.stages, cfg.evaluate, data=done["prepare"].result)
-    links = "\n".join(f"- {name}: `{m['path']}`" for name, m in summary["models"].items())
+    links = "\n".join(f"- {name}: `{res['path']}`" for name, res in evaluated.items())
     create_markdown_artifact(
         markdown=f"# Run `{cfg.name}`\n\nRun directory: `{ctx.run_dir}`\n\nCheckpoints:\n{links}\n",
         key="compress-summary",
         description=f"run {cfg.name}: where everything is",
     )
+    summary = publish(cfg.name, ctx.run_dir, evaluated, runner.stages, data=done["prepare"].result)
     return PipelineResult(run_dir=str(ctx.run_dir), summary=summary)

@@ -2,13 +2,15 @@
 
 Each model is one ``evaluate_<name>`` stage keyed by the checkpoint's content, so re-evaluating an
 unchanged checkpoint on unchanged tasks is a cache hit. Writes ``runs/<name>/eval/results.json``,
-``summary.json``, ``report.md`` and the plot, and publishes the report and the results table.
+``summary.json``, ``report.md`` and the plots, publishes the report and the results table, and
+fails the run when an ``evaluate.gates`` entry is not met.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from prefect import flow
 
 from compress.config import EvaluateOnlyConfig
@@ -16,7 +18,7 @@ from compress.lineage import code_version, hash_cache_file, package_versions, sh
 from compress.models import resolve_device
 from evaluation.tasks import check_tasks
 from flows.compress import PipelineResult
-from flows.plan import write_eval_tasks
+from flows.plan import check_evaluation, write_eval_tasks
 from flows.publish import publish
 from tasks.pipeline import evaluate_stage
 from tasks.stage import StageRunner
@@ -26,13 +28,14 @@ from tasks.stage import StageRunner
 def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> PipelineResult:
     """Evaluate every model of ``config`` on every task of ``config.evaluate``."""
     cfg = EvaluateOnlyConfig.model_validate(config.model_dump())
-    check_tasks(cfg.evaluate)
+    check_evaluation(cfg.evaluate, [m.name for m in cfg.models], check_tasks(cfg.evaluate))
     for m in cfg.models:
         if not (Path(m.path) / "config.json").is_file():
             raise FileNotFoundError(f"models[{m.name}].path: no checkpoint at '{m.path}'")
     device = resolve_device(cfg.device)
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tasks_dir = run_dir / "eval" / "tasks"
     eval_id = write_eval_tasks(cfg.taskworld, cfg.evaluate, tasks_dir)
     runner = StageRunner(run_dir, source_hash(), code_version(), package_versions(), device)
@@ -41,8 +44,17 @@ def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> Pipeline
         path = Path(m.path).resolve()
         model_sha = sha256_path_cached(path, hash_cache_file(cfg.runs_dir))
         stage = evaluate_stage(
-            m.name, path, model_sha, cfg.evaluate, tasks_dir, eval_id, device, cfg.dtype, cfg.trust_remote_code
+            m.name,
+            path,
+            model_sha,
+            cfg.evaluate,
+            tasks_dir,
+            eval_id,
+            device,
+            cfg.dtype,
+            cfg.trust_remote_code,
+            run_dir / "logs",
         )
         evaluated[m.name] = runner(stage).result
-    summary = publish(cfg.name, run_dir, evaluated, runner.stages, cfg.evaluate, artifact_prefix="evaluate")
+    summary = publish(cfg.name, run_dir, evaluated, runner.stages, artifact_prefix="evaluate")
     return PipelineResult(run_dir=str(run_dir), summary=summary)

@@ -79,6 +79,7 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     data = check_data(cfg, tokenizer, full)
     tasks = check_tasks(cfg.evaluate)
     _check_headline(cfg, tasks)
+    check_evaluation(cfg.evaluate, pipeline_models(cfg), tasks)
     if full and teacher.hub_id:
         teacher = resolve_model(cfg.teacher, download=True)
     layout = checkpoint_layout(teacher.path, model_config)
@@ -119,6 +120,36 @@ def _check_headline(cfg: PipelineConfig, tasks: list[dict[str, Any]]) -> None:
         raise ConfigError(f"evaluate.headline: '{cfg.evaluate.headline}' must be 'task/metric'")
     if task not in names:
         raise ConfigError(f"evaluate.headline: task '{task}' is not in evaluate.tasks")
+
+
+def pipeline_models(cfg: PipelineConfig) -> list[str]:
+    """The names of the models a pipeline run evaluates (what gates may name)."""
+    return ["teacher", "pruned", "student", *(["sft"] if cfg.distill.sft_baseline else [])]
+
+
+def check_evaluation(evaluate: EvaluateConfig, models: list[str], tasks: list[dict[str, Any]]) -> None:
+    """Gates name evaluated models and tasks; the vLLM venv is there when evaluation serves models."""
+    from compress.gates import GateError, check_gate_models, parse_gate
+
+    try:
+        check_gate_models(evaluate.gates, models)
+    except GateError as e:
+        raise ConfigError(str(e)) from None
+    names = {t["task"] for t in tasks} | {t["lm_eval"] for t in tasks}
+    for i, text in enumerate(evaluate.gates):
+        for ref in parse_gate(text).refs():
+            if ref.task is not None and ref.task not in names:
+                raise ConfigError(f"evaluate.gates[{i}]: '{text}' names task '{ref.task}', not in evaluate.tasks")
+            if ref.metric == "throughput" and ref.task is None and not evaluate.measures_throughput:
+                raise ConfigError(
+                    f"evaluate.gates[{i}]: '{text}' needs throughput: set evaluate.throughput or backend vllm"
+                )
+    if evaluate.uses_vllm and not Path(evaluate.vllm.vllm_python).is_file():
+        why = "backend vllm" if evaluate.backend == "vllm" else "throughput"
+        raise ConfigError(
+            f"evaluate.vllm.vllm_python: '{evaluate.vllm.vllm_python}' not found ({why} serves each model with vLLM; "
+            "create the venv with `make .venv-vllm`)"
+        )
 
 
 def _dataset_sources(cfg: PipelineConfig) -> list[tuple[str, Any]]:

@@ -27,6 +27,8 @@ GENERATE_RUNTIME_FIELDS = {
 # Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
 # when only they change.
 KD_FIELDS = {"loss", "kd_weight", "temperature", "tail"}
+# Settings that change how results are reported and judged, not the results: out of the evaluate key.
+EVALUATE_REPORT_FIELDS = {"headline", "gates"}
 
 
 @dataclass
@@ -147,7 +149,16 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
     for name, (model_dir, model_sha) in models.items():
         done[f"evaluate_{name}"] = run(
             evaluate_stage(
-                name, model_dir, model_sha, c.evaluate, ctx.tasks_dir, ctx.eval_id, ctx.device, dtype, remote
+                name,
+                model_dir,
+                model_sha,
+                c.evaluate,
+                ctx.tasks_dir,
+                ctx.eval_id,
+                ctx.device,
+                dtype,
+                remote,
+                d / "logs",
             )
         )
     return done
@@ -163,6 +174,7 @@ def evaluate_stage(
     device: str,
     dtype: str,
     trust_remote_code: bool,
+    log_dir: Path,
 ) -> Stage:
     """lm-eval of one checkpoint on every task: the pipeline's evaluations and the evaluate-only flow's."""
     return Stage(
@@ -176,8 +188,9 @@ def evaluate_stage(
             "device": device,
             "dtype": dtype,
             "trust_remote_code": trust_remote_code,
+            "log_dir": str(log_dir),
         },
-        key=[config_hash(evaluate, exclude={"headline"}), eval_id, model_sha, dtype, device],
+        key=[config_hash(evaluate, exclude=EVALUATE_REPORT_FIELDS), eval_id, model_sha, dtype, device],
         inputs={"model": model_sha, "eval_sets": eval_id},
         config=evaluate,
     )

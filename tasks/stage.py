@@ -127,6 +127,7 @@ class StageRunner:
         seconds = round(time.time() - t0, 2)
         hashes = {name: self._hash(p) for name, p in stage.outputs.items()}
         cached = hit is not None
+        ran = hit.get("ran_seconds", hit.get("seconds")) if hit else seconds
         record_stage(
             self.run_dir,
             stage.name,
@@ -142,11 +143,11 @@ class StageRunner:
                 "device": self.device,
                 "seconds": seconds,
                 # The original run time survives cache hits, for the stage table.
-                "ran_seconds": hit.get("ran_seconds", hit.get("seconds")) if hit else seconds,
+                "ran_seconds": ran,
                 "result": result,
             },
         )
-        self.stages[stage.name] = {"cached": cached, "seconds": seconds}
+        self.stages[stage.name] = {"cached": cached, "seconds": seconds, "ran_seconds": ran}
         get_run_logger().info("stage %s: %s in %.1fs", stage.name, "cache hit" if cached else "ran", seconds)
         return Done(result, hashes, cached, seconds)
 

@@ -211,6 +211,7 @@ def distill_task(
 ) -> dict:
     """Train the pruned student: KD on teacher top-k + CE, or CE only (SFT baseline)."""
     label = "kd" if use_teacher_logits else "sft"
+    loss_log = Path(out_dir).parent / "logs" / f"train-{Path(out_dir).name}.jsonl"
     metrics = distill_student(
         Path(student_dir),
         Path(data_dir),
@@ -220,8 +221,9 @@ def distill_task(
         use_teacher_logits=use_teacher_logits,
         progress=_progress(f"distill-{label}", f"distill ({label})"),
         device=device,
+        log_path=loss_log,
     )
-    return {"path": out_dir, **metrics}
+    return {"path": out_dir, "loss_log": str(loss_log), **metrics}
 
 
 @stage_task("evaluate")
@@ -233,12 +235,18 @@ def evaluate_task(
     device: str,
     dtype: str,
     trust_remote_code: bool,
+    log_dir: str,
 ) -> dict:
-    """lm-eval of one checkpoint on every configured task."""
-    result = evaluate_checkpoint(Path(model_dir), cfg, Path(tasks_dir), device, dtype, trust_remote_code)
+    """lm-eval of one checkpoint on every configured task (in process or served by vLLM)."""
+    logger = get_run_logger()
+    result = evaluate_checkpoint(
+        Path(model_dir), cfg, Path(tasks_dir), device, dtype, trust_remote_code, label=label, log_dir=Path(log_dir)
+    )
     for task_name, metrics in result["scores"].items():
         shown = ", ".join(f"{m} {v['value']:.4f}" for m, v in metrics.items())
-        get_run_logger().info("%s: %s: %s", label, task_name, shown)
+        logger.info("%s (%s): %s: %s", label, result["backend"], task_name, shown)
+    if result["throughput"]:
+        logger.info("%s: vLLM serving throughput %.0f tokens/s", label, result["throughput"]["tokens_per_s"])
     return {"path": model_dir, "label": label, **result}
 
 

@@ -21,11 +21,13 @@ def distill_student(
     use_teacher_logits: bool = True,
     progress: Progress | None = None,
     device: str = "cpu",
+    log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student_dir`` on ``data_dir`` (teacher top-k in ``logits_dir``) into ``out_dir``.
 
     With ``use_teacher_logits`` the loss is ``kd_weight * KL(teacher top-k || student) +
     (1 - kd_weight) * CE``; without, it is CE on the teacher's completions (the SFT baseline).
+    ``log_path`` receives the loss curve as JSON lines.
     """
     tokenizer = load_tokenizer(student_dir)
     examples = load_cached_examples(data_dir, logits_dir, tokenizer, with_teacher=use_teacher_logits)
@@ -46,5 +48,6 @@ def distill_student(
         model=model,
         tokenizer=tokenizer,
         device=device,
+        log_path=log_path,
     )
     return metrics | {"params": count_params(model), "examples": len(examples), "kd": use_teacher_logits}

@@ -24,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from compress.config import TrainConfig
+from compress.data.taskworld import write_jsonl
 from compress.distill.losses import kd_ce_loss
 from compress.models import load_model, load_tokenizer, save_checkpoint
 
@@ -143,6 +144,7 @@ def train_causal_lm(
     model=None,
     tokenizer=None,
     device: str = "cpu",
+    log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Train the checkpoint at ``init_dir`` (or the given ``model``) on ``device``; save it to ``out_dir``.
 
@@ -151,6 +153,8 @@ def train_causal_lm(
 
     ``examples`` are dicts from ``encode_example`` plus, for KD, ``teacher_ids``/``teacher_logprobs``
     (``[n_completion_tokens, k]``). Returns the training metrics (final loss, steps, seconds).
+    ``log_path``: Trainer's log history (step, loss, learning rate, grad norm) as JSON lines, for
+    the loss-curve plot.
     """
     torch.manual_seed(train.seed)
     model = model if model is not None else load_model(init_dir)
@@ -190,6 +194,8 @@ def train_causal_lm(
     save_checkpoint(trainer.model, tokenizer, Path(out_dir))
     shutil.rmtree(work, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if log_path is not None:
+        write_jsonl([h for h in trainer.state.log_history if "loss" in h], Path(log_path))
     return {
         "steps": result.global_step,
         "train_loss": float(result.training_loss),

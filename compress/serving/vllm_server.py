@@ -64,6 +64,7 @@ class VLLMServer:
         self.python = Path(python)
         self.log_path = Path(log_path)
         self.served_name = served_name
+        self.max_model_len = max_model_len
         self.host = host
         self.port = port
         self.startup_timeout_s = startup_timeout_s

@@ -1,0 +1,101 @@
+"""lm-eval through both backends: in-process ``hf`` and the checkpoint served by a real vLLM server.
+
+The same checkpoint, the same held-out task world (generation, exact match) and a multiple-choice
+version of it (log-likelihood, accuracy) must score the same either way. The checkpoint is the
+shipped teacher depth-pruned to 4 of its 8 layers, so that it makes mistakes and equal scores
+mean something; per-example agreement is checked too, not only the means.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+
+from compress.config import EvaluateConfig, PruneConfig, TaskWorldConfig
+from compress.data.taskworld import make_splits, write_jsonl
+from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
+
+pytestmark = pytest.mark.slow
+TEACHER = ROOT / "assets" / "teacher-tiny"
+
+
+@pytest.fixture(scope="module")
+def pruned_teacher(tmp_path_factory):
+    from compress.prune.prune import prune_model
+
+    out = tmp_path_factory.mktemp("pruned") / "student"
+    train, _ = make_splits(TaskWorldConfig().tasks, 200, 10, seed=1)
+    texts = [r["prompt"] + r["answer"] for r in train[:64]]
+    starts = [len(r["prompt"]) for r in train[:64]]
+    prune_model(TEACHER, texts, PruneConfig(method="depth", num_layers=4), out, log=lambda _: None,
+                completion_starts=starts)  # fmt: skip
+    return out
+
+
+def _mc_task(tasks_dir, heldout: list[dict]) -> None:
+    """The held-out split as 3-way multiple choice: the answer and two other rows' answers."""
+    rng = random.Random(0)
+    rows = []
+    for i, r in enumerate(heldout):
+        others = sorted({o["answer"] for o in heldout if o["answer"] != r["answer"]})
+        choices = [r["answer"], *rng.sample(others, 2)]
+        rng.shuffle(choices)
+        rows.append({"id": i, "prompt": r["prompt"], "choices": choices, "label": choices.index(r["answer"])})
+    write_jsonl(rows, tasks_dir / "mc.jsonl")
+    spec = {
+        "task": "taskworld_mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tasks_dir / "mc.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    (tasks_dir / "taskworld_mc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path):
+    require_vllm()
+    from evaluation.harness import evaluate_checkpoint, write_task
+
+    world = TaskWorldConfig(n_heldout=120)
+    _, heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    tasks_dir, mc_dir = tmp_path / "tasks", tmp_path / "mc"
+    write_task(heldout, tasks_dir, max_gen_toks=16)
+    mc_dir.mkdir()
+    _mc_task(mc_dir, heldout)
+
+    results = {}
+    for backend in ("hf", "vllm"):
+        cfg = EvaluateConfig(
+            tasks=["taskworld", "taskworld_mc"],
+            include_path=mc_dir,
+            backend=backend,
+            batch_size=16,
+            vllm={"vllm_python": VLLM_PYTHON, "max_model_len": 128},
+        )
+        results[backend] = evaluate_checkpoint(
+            pruned_teacher, cfg, tasks_dir, dtype="auto", label="pruned", log_dir=tmp_path / "logs", log_samples=True
+        )
+    hf, vl = results["hf"], results["vllm"]
+    assert vl["backend"] == "vllm" and hf["backend"] == "hf"
+    em_hf = hf["scores"]["taskworld"]["exact_match"]["value"]
+    em_vllm = vl["scores"]["taskworld"]["exact_match"]["value"]
+    # The pruned model is wrong on some examples: the comparison is not one of two perfect scores.
+    assert 0.2 < em_hf < 1.0, em_hf
+    assert em_vllm == em_hf
+    assert vl["scores"]["taskworld_mc"]["acc"]["value"] == hf["scores"]["taskworld_mc"]["acc"]["value"]
+    # Per example: the same generations, the same choice picked.
+    assert vl["samples"]["taskworld"] == hf["samples"]["taskworld"]
+    assert vl["samples"]["taskworld_mc"] == hf["samples"]["taskworld_mc"]
+    assert vl["throughput"]["tokens_per_s"] > 0 and vl["throughput"]["tokens"] == 64 * vl["throughput"]["max_tokens"]
+    assert hf["throughput"] is None
+    assert "pruned" in (tmp_path / "logs" / "vllm-eval-pruned.log").name
+    json.dumps(vl)  # results are plain JSON (they go into the manifest)
