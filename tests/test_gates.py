@@ -1,0 +1,131 @@
+"""Gates: the grammar, their verdicts and messages, and the one-line errors at config load and preflight."""
+
+from __future__ import annotations
+
+import pytest
+
+from compress.config import ConfigError, EvaluateConfig, PipelineConfig, load_config
+from compress.gates import GateError, Ref, check_gate, check_gate_models, check_gates, parse_gate
+from tests.conftest import ROOT
+
+MODELS = {
+    "teacher": {"params": 1000, "throughput": 500.0, "scores": {"taskworld": {"exact_match": {"value": 1.0}}}},
+    "student": {
+        "params": 480,
+        "throughput": 900.0,
+        "scores": {
+            "taskworld": {"exact_match": {"value": 0.91}},
+            "gsm8k": {"exact_match,strict-match": {"value": 0.3}, "exact_match,flexible-extract": {"value": 0.35}},
+            "my.task": {"acc": {"value": 0.5}},
+        },
+    },
+}
+HEAD = ("taskworld", "exact_match")
+
+
+@pytest.mark.parametrize(
+    ("text", "passed", "left", "right"),
+    [
+        ("student >= 0.95 * teacher", False, 0.91, 0.95),
+        ("student >= 0.9*teacher", True, 0.91, 0.9),
+        ("student.taskworld.exact_match > teacher - 0.1", True, 0.91, 0.9),
+        ("student.params <= 0.55 * teacher.params", True, 480, 550),
+        ("student.throughput / teacher.throughput >= 1.5", True, 1.8, 1.5),
+        ("student.gsm8k.exact_match,strict-match >= 0.25", True, 0.3, 0.25),
+        ("student.'my.task'.acc == 0.5", True, 0.5, 0.5),
+        ("student.'my.task' < 0.4", False, 0.5, 0.4),
+        ("-(student - teacher) <= 0.05", False, 0.09, 0.05),
+        ("1e-1 < student", True, 0.1, 0.91),
+    ],
+)
+def test_gate_verdicts(text, passed, left, right):
+    r = check_gate(text, MODELS, HEAD)
+    assert r.passed is passed
+    assert r.left == pytest.approx(left) and r.right == pytest.approx(right)
+
+
+def test_failed_gate_message_names_metrics_and_values():
+    r = check_gates(["student >= 0.95 * teacher"], MODELS, HEAD)[0]
+    msg = r.message()
+    assert "not met" in msg and "0.91 >= 0.95" in msg
+    assert "student.taskworld.exact_match = 0.91" in msg and "teacher.taskworld.exact_match = 1" in msg
+    assert "\n" not in msg
+
+
+def test_refs_parse_to_model_task_metric():
+    g = parse_gate("student.gsm8k.exact_match,flexible-extract - 0.05 >= pruned")
+    assert g.refs() == [Ref("student", "gsm8k", "exact_match,flexible-extract"), Ref("pruned")]
+    assert parse_gate("student.params < 1").refs() == [Ref("student", metric="params")]
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("student >=", "found the end"),
+        ("student", "expected a comparison"),
+        ("student >= 0.9 teacher", "unexpected 'teacher'"),
+        ("student ≥ 0.9", "cannot read"),
+        ("a >= b >= c", "unexpected '>='"),
+        ("(student > 1", r"missing '\)'"),
+        ("student.a.b.c > 1", "cannot read"),
+        ("__import__('os') > 1", "cannot read"),
+        ("", "empty"),
+    ],
+)
+def test_bad_gates_are_refused(text, why):
+    with pytest.raises(GateError, match=why):
+        parse_gate(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("studnet >= 0.5", "no model 'studnet'"),
+        ("student.arc_easy.acc >= 0.5", "no results for task 'arc_easy'"),
+        ("student.taskworld.acc >= 0.5", "no metric 'acc'"),
+        ("student.gsm8k >= 0.5", "several metrics"),
+        ("student / (teacher - 1) > 1", "divides by zero"),
+    ],
+)
+def test_gates_on_missing_results_say_what_is_missing(text, why):
+    with pytest.raises(GateError, match=why):
+        check_gate(text, MODELS, HEAD, index=3)
+    with pytest.raises(GateError, match=r"evaluate\.gates\[3\]"):
+        check_gate(text, MODELS, HEAD, index=3)
+
+
+def test_no_throughput_is_an_error():
+    models = {"student": {**MODELS["student"], "throughput": None}}
+    with pytest.raises(GateError, match="no throughput"):
+        check_gate("student.throughput > 1", models, HEAD)
+
+
+def test_config_refuses_a_bad_gate_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="gates"):
+        EvaluateConfig(gates=["student >= 0.9", "student >> 1"])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"teacher:\n  path: {ROOT / 'assets' / 'teacher-tiny'}\nevaluate:\n  gates: ['student >= 0.95 teacher']\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [], PipelineConfig)
+    assert "evaluate.gates" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gate_models_checked_before_running():
+    check_gate_models(["student >= 0.9 * teacher", "sft < student"], ["teacher", "pruned", "student", "sft"])
+    with pytest.raises(GateError, match=r"evaluate.gates\[1\].*'kd'.*teacher, pruned, student"):
+        check_gate_models(["student >= 0.9", "kd > 0"], ["teacher", "pruned", "student"])
+
+
+def test_preflight_names_the_bad_gate():
+    from flows.plan import check_evaluation
+
+    tasks = [{"task": "taskworld", "lm_eval": "distillflow_taskworld", "data": "built-in"}]
+    check_evaluation(EvaluateConfig(gates=["student.taskworld.exact_match > 0"]), ["student"], tasks)
+    with pytest.raises(ConfigError, match="task 'arc_easy', not in evaluate.tasks"):
+        check_evaluation(EvaluateConfig(gates=["student.arc_easy.acc > 0"]), ["student"], tasks)
+    with pytest.raises(ConfigError, match="names model 'sft'"):
+        check_evaluation(EvaluateConfig(gates=["sft > 0"]), ["student"], tasks)
+    with pytest.raises(ConfigError, match="needs throughput"):
+        check_evaluation(EvaluateConfig(gates=["student.throughput > 0"]), ["student"], tasks)
+    with pytest.raises(ConfigError, match="evaluate.vllm.vllm_python"):
+        check_evaluation(EvaluateConfig(backend="vllm", vllm={"vllm_python": "/nonexistent/python"}), ["x"], tasks)

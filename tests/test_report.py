@@ -1,0 +1,137 @@
+"""The report is a function of the run directory: summary, report.md, plots, model card, gate verdicts.
+
+Built here from hand-written run files (no model is run), then rebuilt by ``distillflow report``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from compress.config import PipelineConfig
+from compress.lineage import sha256_path
+from evaluation.build import build_report, failed_gates, write_run_files
+from tests.conftest import ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _scores(em: float, stderr: float = 0.01) -> dict:
+    return {"taskworld": {"exact_match": {"value": em, "stderr": stderr}}}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    cfg = PipelineConfig(
+        name="r1",
+        runs_dir=tmp_path / "runs",
+        teacher={"path": str(ROOT / "assets" / "teacher-tiny")},
+        evaluate={"gates": ["student >= 0.95 * teacher", "student.params <= 0.55 * teacher.params"]},
+    )
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    student = run / "student"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    (student / "model.safetensors").write_bytes(b"weights")
+    models = {
+        "teacher": {"params": 1000, "scores": _scores(1.0, 0.0), "path": str(ROOT / "assets" / "teacher-tiny")},
+        "pruned": {"params": 500, "scores": _scores(0.5), "path": str(run / "pruned")},
+        "sft": {"params": 500, "scores": _scores(0.8), "path": str(run / "sft")},
+        "student": {"params": 500, "scores": _scores(0.9), "path": str(student), "serving": {"tokens_per_s": 812.5}},
+    }
+    stages = {
+        "prune": {"cached": True, "seconds": 0.3, "ran_seconds": 41.5},
+        "distill_student": {"cached": False, "seconds": 60.0, "ran_seconds": 60.0},
+    }
+    write_run_files(run, models, stages, data=None)
+    logs = run / "logs"
+    logs.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30)]
+    (logs / "train-student.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = {
+        "stages": {
+            "prune": {
+                "inputs": {"teacher": "a" * 64},
+                "outputs": {"pruned": "b" * 64},
+                "code_version": "0.1.0+abc",
+                "recorded_at": "2026-01-01T00:00:00+0000",
+                "result": {"method": "depth", "selection": "importance"},
+                "packages": {"torch": "2.13.0"},
+            },
+            "distill_student": {"result": {"steps": 30, "examples": 100}},
+        }
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def test_build_report_from_files(run_dir):
+    before = sha256_path(run_dir / "student")
+    summary = build_report(run_dir)
+    assert summary["models"]["student"]["score"] == 0.9 and summary["models"]["student"]["throughput"] == 812.5
+    gates = {g["gate"]: g for g in summary["gates"]}
+    assert not gates["student >= 0.95 * teacher"]["passed"]
+    assert gates["student.params <= 0.55 * teacher.params"]["passed"]
+    line = failed_gates(summary)
+    assert "1 of 2" in line and "student.taskworld.exact_match = 0.9" in line and "0.9 >= 0.95" in line
+
+    report = (run_dir / "report.md").read_text()
+    assert "| KD student | 0.9000 | 0.0100 | 500 | 0.900 | 0.500 | 812 |" in report
+    assert "| teacher | 1.0000 | 0.0000 | 1,000 | 1.000 | 1.000 | - |" in report
+    assert "| `student >= 0.95 * teacher` | **FAIL** |" in report
+    assert "| prune | cache hit | 0.3 | 41.5 |" in report
+    for plot in ("scores.png", "loss.png"):
+        assert f"(plots/{plot})" in report
+        assert (run_dir / "plots" / plot).read_bytes().startswith(PNG)
+
+    card = (run_dir / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "depth pruning by importance, 1,000 to 500 parameters (50.0%)" in card
+    assert "| prune | teacher `aaaaaaaaaaaa` | pruned `bbbbbbbbbbbb` | 0.1.0+abc |" in card
+    assert f"distillflow run {run_dir / 'config.yaml'}" in card
+    assert "FAIL: gate 'student >= 0.95 * teacher' not met" in card
+    # The card describes the checkpoint; it is not part of its content hash (no cache invalidation).
+    assert sha256_path(run_dir / "student") == before
+    assert json.loads((run_dir / "summary.json").read_text())["gates"] == summary["gates"]
+
+
+def test_cli_report_rebuilds_and_fails_on_a_gate(run_dir):
+    build_report(run_dir)
+    first = (run_dir / "report.md").read_text()
+    for f in ("report.md", "summary.json", "plots/scores.png", "student/README.md"):
+        (run_dir / f).unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "report", str(run_dir)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert (run_dir / "report.md").read_text() == first
+    assert (run_dir / "plots" / "scores.png").is_file() and (run_dir / "student" / "README.md").is_file()
+    assert "FAIL  gate 'student >= 0.95 * teacher' not met" in proc.stdout
+    assert "prune" in proc.stdout and "(ran in 41.5s)" in proc.stdout
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: GateFailed: 1 of 2 evaluate.gates not met")
+
+    # Gates changed in the run's config: the report is rebuilt without re-running anything.
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["evaluate"]["gates"] = ["student >= 0.85 * teacher"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "report", str(run_dir)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "PASS  gate 'student >= 0.85 * teacher' met" in proc.stdout
+
+
+def test_cli_report_without_results_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}/eval/results.json: not found (has the run "
+                                                 "finished its evaluate stages?)"]  # fmt: skip
