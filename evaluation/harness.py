@@ -110,14 +110,26 @@ def _hf_args(model_dir: Path, device: str, dtype: str, trust_remote_code: bool) 
 
 def _completions_args(server, model_dir: Path, trust_remote_code: bool, num_concurrent: int) -> str:
     """lm-eval's ``local-completions`` against our server, with the checkpoint's own tokenizer."""
-    # The HF tokenizer, not the server's /tokenize: the same token counts lm-eval's hf model sees,
-    # and requests go as text so the server applies nothing lm-eval did not.
+    # Token ids, not text: lm-eval tokenizes with the checkpoint's tokenizer and the server scores
+    # exactly those ids (text would be re-tokenized server-side, where a BOS or a different split
+    # would shift the log-likelihood slices). lm-eval's hf model keeps the tokenizer's own BOS
+    # behaviour, its API models add none: ask for the BOS where the tokenizer adds one.
+    bos = tokenizer_adds_bos(model_dir, trust_remote_code)
     args = (
         f"base_url={server.base_url}/v1/completions,model={server.served_name},"
-        f"tokenizer={Path(model_dir).resolve()},tokenizer_backend=huggingface,tokenized_requests=False,"
-        f"num_concurrent={num_concurrent},max_retries=3,max_length={server.max_model_len},timeout=600"
+        f"tokenizer={Path(model_dir).resolve()},tokenizer_backend=huggingface,tokenized_requests=True,"
+        f"num_concurrent={num_concurrent},max_retries=3,max_length={server.max_model_len},timeout=600,"
+        f"add_bos_token={bos}"
     )
     return args + (",trust_remote_code=True" if trust_remote_code else "")
+
+
+def tokenizer_adds_bos(model_dir: Path, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint's tokenizer puts a BOS token in front of plain text by default."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
 
 
 def _outcomes(rows: list[dict[str, Any]]) -> list[Any]:
