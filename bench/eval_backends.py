@@ -1,0 +1,139 @@
+"""lm-eval wall time through our two backends, same checkpoint, same tasks, same run.
+
+``hf`` is lm-eval's in-process transformers model; ``vllm`` is the checkpoint served by the vLLM
+server from ``.venv-vllm`` and driven by lm-eval's ``local-completions`` (``evaluate.backend``).
+The tasks are the task world's held-out split (generation, exact match; ``--heldout`` examples)
+and a 3-way multiple-choice version of it (log-likelihood, accuracy). The checkpoint is a Llama
+built here with random weights (timing does not depend on what the weights learned), big enough
+that compute sets the pace (``--hidden`` etc.; ``--model DIR`` uses a checkpoint of yours). The
+vLLM server's start-up is timed apart from the evaluation: it is paid once per model.
+
+Writes ``bench/results/eval_backends.json`` with both wall times, ``speedup`` (hf seconds over
+vllm seconds, start-up excluded), ``speedup_with_startup`` and whether the scores agree.
+
+    .venv/bin/python bench/eval_backends.py [--heldout 500] [--hidden 1024] [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from compress.config import ArchConfig, EvaluateConfig, TaskWorldConfig
+from compress.data.taskworld import make_splits, write_jsonl
+from compress.data.tokenizer import build_tokenizer
+from compress.lineage import package_versions, write_json
+from compress.models import build_llama, checkpoint_params, save_checkpoint
+from evaluation.harness import _completions_args, _hf_args, _run_lm_eval, parse_scores, serve_for_eval, write_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_model(out: Path, args) -> Path:
+    tok = build_tokenizer()
+    arch = ArchConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        intermediate_size=args.ffn,
+        max_position_embeddings=128,
+    )
+    return save_checkpoint(build_llama(arch, tok, seed=0), tok, out)
+
+
+def mc_task(out: Path, heldout: list[dict]) -> Path:
+    """The held-out split as 3-way multiple choice (the answer and two other rows' answers)."""
+    rng = random.Random(0)
+    answers = sorted({r["answer"] for r in heldout})
+    rows = []
+    for r in heldout:
+        choices = [r["answer"], *rng.sample([a for a in answers if a != r["answer"]], 2)]
+        rng.shuffle(choices)
+        rows.append({"prompt": r["prompt"], "choices": choices, "label": choices.index(r["answer"])})
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(rows, out / "mc.jsonl")
+    spec = {
+        "task": "taskworld_mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(out / "mc.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    (out / "taskworld_mc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="a checkpoint of yours instead of the built one")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--ffn", type=int, default=2816)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--heldout", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    world = TaskWorldConfig(n_heldout=args.heldout)
+    _, heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model or build_model(tmp / "model", args)
+        write_task(heldout, tmp / "tasks", max_gen_toks=16)
+        cfg = EvaluateConfig(
+            tasks=["taskworld", "taskworld_mc"],
+            include_path=mc_task(tmp / "mc", heldout),
+            batch_size=args.batch_size,
+            vllm={"vllm_python": ROOT / ".venv-vllm" / "bin" / "python", "max_model_len": 128},
+        )
+        t0 = time.perf_counter()
+        hf = _run_lm_eval("hf", _hf_args(model, "cpu", "auto", False), cfg, tmp / "tasks", 0)
+        hf_s = time.perf_counter() - t0
+        print(f"hf: {hf_s:.1f}s", flush=True)
+        t0 = time.perf_counter()
+        with serve_for_eval(model, cfg, "auto", False, "model", tmp / "vllm.log") as server:
+            startup_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            args_vllm = _completions_args(server, model, False, cfg.vllm.num_concurrent)
+            vl = _run_lm_eval("local-completions", args_vllm, cfg, tmp / "tasks", 0)
+            vllm_s = time.perf_counter() - t1
+        print(f"vllm: {vllm_s:.1f}s (+ {startup_s:.1f}s server start-up)", flush=True)
+        params = checkpoint_params(model)
+    scores = {"hf": parse_scores(hf["results"]), "vllm": parse_scores(vl["results"])}
+    out = {
+        "benchmark": "eval_backends",
+        "what": "lm-eval wall time, same checkpoint and tasks (generation + log-likelihood): hf vs vLLM-served",
+        "params": params,
+        "heldout": args.heldout,
+        "hf_seconds": round(hf_s, 2),
+        "vllm_seconds": round(vllm_s, 2),
+        "vllm_startup_seconds": round(startup_s, 2),
+        "speedup": round(hf_s / vllm_s, 3),
+        "speedup_with_startup": round(hf_s / (vllm_s + startup_s), 3),
+        "scores": scores,
+        "scores_agree": scores["hf"] == scores["vllm"],
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "packages": package_versions(),
+    }
+    write_json(ROOT / "bench" / "results" / "eval_backends.json", out)
+    print(f"vllm over hf: {out['speedup']:.2f}x faster ({out['speedup_with_startup']:.2f}x with start-up); "
+          f"scores agree: {out['scores_agree']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
