@@ -55,7 +55,10 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     if not models:
         raise FileNotFoundError(f"{run_dir / RESULTS}: not found or empty (has the run evaluated its models?)")
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    evaluate = EvaluateConfig.model_validate((config or {}).get("evaluate") or {})
+    # Only what judges and labels the results: the rest (an include_path, say) may not resolve
+    # from where the report is rebuilt, and is not needed.
+    section = (config or {}).get("evaluate") or {}
+    evaluate = EvaluateConfig.model_validate({k: section[k] for k in ("tasks", "headline", "gates") if k in section})
     record = read_json(run_dir / RUN_RECORD, default={}) or {}
 
     for m in models.values():

@@ -72,23 +72,20 @@ def evaluate_checkpoint(
     ``log_samples``, ``samples`` holds each task's per-example outcome in document order: the
     generation (generation tasks) or the index of the most likely choice (log-likelihood tasks).
     """
+    from evaluation.throughput import measure_throughput, throughput_prompts
+
     t0 = time.time()
     out: dict[str, Any] = {"backend": cfg.backend, "throughput": None}
-    if not cfg.uses_vllm:
-        results = _run_lm_eval(
-            "hf", _hf_args(model_dir, device, dtype, trust_remote_code), cfg, taskworld_dir, seed, log_samples
-        )
-    else:
-        from evaluation.throughput import measure_throughput, throughput_prompts
-
-        log = Path(log_dir or Path(model_dir).parent / "logs") / f"vllm-eval-{label}.log"
+    log = Path(log_dir or Path(model_dir).parent / "logs") / f"vllm-eval-{label}.log"
+    if cfg.backend == "hf":
+        args = _hf_args(model_dir, device, dtype, trust_remote_code)
+        results = _run_lm_eval("hf", args, cfg, taskworld_dir, seed, log_samples)
+    # One server per model, started after an in-process evaluation has let its model go.
+    if cfg.uses_vllm:
         with serve_for_eval(model_dir, cfg, dtype, trust_remote_code, label, log) as server:
             if cfg.backend == "vllm":
                 args = _completions_args(server, model_dir, trust_remote_code, cfg.vllm.num_concurrent)
                 results = _run_lm_eval("local-completions", args, cfg, taskworld_dir, seed, log_samples)
-            else:
-                args = _hf_args(model_dir, device, dtype, trust_remote_code)
-                results = _run_lm_eval("hf", args, cfg, taskworld_dir, seed, log_samples)
             if cfg.measures_throughput:
                 prompts = throughput_prompts(taskworld_dir, cfg.vllm.throughput_prompts)
                 out["throughput"] = measure_throughput(

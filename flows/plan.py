@@ -262,11 +262,14 @@ def describe(cfg: PipelineConfig, source: str, pf: Preflight) -> str:
         f"device    {cfg.device} ({planned_device(cfg)})",
         "data",
         *(f"  {line}" for line in pf.data),
-        "evaluate",
+        f"evaluate  backend {cfg.evaluate.backend}"
+        + (", vLLM serving throughput" if cfg.evaluate.measures_throughput else "")
+        + f"; models {', '.join(pipeline_models(cfg))}",
         *(
             f"  {t['task']}" + (f" -> {t['lm_eval']}" if t["lm_eval"] != t["task"] else "") + f": {t['data']}"
             for t in pf.tasks
         ),
+        *(f"  gate: {g}" for g in cfg.evaluate.gates),
         f"stages    (run directory {cfg.run_dir})",
         *(f"  {stage:<20}{status}" for stage, status in cache_status(cfg, pf)),
     ]

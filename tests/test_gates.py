@@ -104,7 +104,8 @@ def test_config_refuses_a_bad_gate_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="gates"):
         EvaluateConfig(gates=["student >= 0.9", "student >> 1"])
     path = tmp_path / "c.yaml"
-    path.write_text(f"teacher:\n  path: {ROOT / 'assets' / 'teacher-tiny'}\nevaluate:\n  gates: ['student >= 0.95 teacher']\n")
+    teacher = ROOT / "assets" / "teacher-tiny"
+    path.write_text(f"teacher:\n  path: {teacher}\nevaluate:\n  gates: ['student >= 0.95 teacher']\n")
     with pytest.raises(ConfigError) as e:
         load_config(path, [], PipelineConfig)
     assert "evaluate.gates" in str(e.value) and "\n" not in str(e.value)
@@ -121,11 +122,11 @@ def test_preflight_names_the_bad_gate():
 
     tasks = [{"task": "taskworld", "lm_eval": "distillflow_taskworld", "data": "built-in"}]
     check_evaluation(EvaluateConfig(gates=["student.taskworld.exact_match > 0"]), ["student"], tasks)
-    with pytest.raises(ConfigError, match="task 'arc_easy', not in evaluate.tasks"):
+    with pytest.raises(ConfigError, match=r"task 'arc_easy', not in evaluate\.tasks"):
         check_evaluation(EvaluateConfig(gates=["student.arc_easy.acc > 0"]), ["student"], tasks)
     with pytest.raises(ConfigError, match="names model 'sft'"):
         check_evaluation(EvaluateConfig(gates=["sft > 0"]), ["student"], tasks)
     with pytest.raises(ConfigError, match="needs throughput"):
         check_evaluation(EvaluateConfig(gates=["student.throughput > 0"]), ["student"], tasks)
-    with pytest.raises(ConfigError, match="evaluate.vllm.vllm_python"):
+    with pytest.raises(ConfigError, match=r"evaluate\.vllm\.vllm_python"):
         check_evaluation(EvaluateConfig(backend="vllm", vllm={"vllm_python": "/nonexistent/python"}), ["x"], tasks)
