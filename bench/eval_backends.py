@@ -19,19 +19,24 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from compress.config import ArchConfig, EvaluateConfig, TaskWorldConfig
-from compress.data.taskworld import make_splits, write_jsonl
+from compress.data.taskworld import make_splits
 from compress.data.tokenizer import build_tokenizer
 from compress.lineage import package_versions, write_json
 from compress.models import build_llama, checkpoint_params, save_checkpoint
-from evaluation.harness import _completions_args, _hf_args, _run_lm_eval, parse_scores, serve_for_eval, write_task
+from evaluation.harness import (
+    _completions_args,
+    _hf_args,
+    _run_lm_eval,
+    parse_scores,
+    serve_for_eval,
+    write_choice_task,
+    write_task,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,33 +52,6 @@ def build_model(out: Path, args) -> Path:
         max_position_embeddings=128,
     )
     return save_checkpoint(build_llama(arch, tok, seed=0), tok, out)
-
-
-def mc_task(out: Path, heldout: list[dict]) -> Path:
-    """The held-out split as 3-way multiple choice (the answer and two other rows' answers)."""
-    rng = random.Random(0)
-    answers = sorted({r["answer"] for r in heldout})
-    rows = []
-    for r in heldout:
-        choices = [r["answer"], *rng.sample([a for a in answers if a != r["answer"]], 2)]
-        rng.shuffle(choices)
-        rows.append({"prompt": r["prompt"], "choices": choices, "label": choices.index(r["answer"])})
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(rows, out / "mc.jsonl")
-    spec = {
-        "task": "taskworld_mc",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(out / "mc.jsonl")}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{label}}",
-        "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-    }
-    (out / "taskworld_mc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    return out
 
 
 def main() -> None:
@@ -97,7 +75,7 @@ def main() -> None:
         write_task(heldout, tmp / "tasks", max_gen_toks=16)
         cfg = EvaluateConfig(
             tasks=["taskworld", "taskworld_mc"],
-            include_path=mc_task(tmp / "mc", heldout),
+            include_path=write_choice_task(heldout, tmp / "mc", "taskworld_mc").parent,
             batch_size=args.batch_size,
             vllm={"vllm_python": ROOT / ".venv-vllm" / "bin" / "python", "max_model_len": 128},
         )

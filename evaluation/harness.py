@@ -14,6 +14,7 @@ backends score the same model.
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -33,22 +34,58 @@ def write_task(rows: list[dict], tasks_dir: Path, max_gen_toks: int) -> Path:
     """Write ``heldout.jsonl`` and the lm-eval task YAML into ``tasks_dir``; return the YAML path."""
     tasks_dir = Path(tasks_dir).resolve()
     data = write_jsonl(rows, tasks_dir / "heldout.jsonl")
+    return _write_local_task(
+        TASK_NAME,
+        data,
+        output_type="generate_until",
+        doc_to_target="{{answer}}",
+        generation_kwargs={"until": [END], "do_sample": False, "max_gen_toks": max_gen_toks},
+        metric_list=[{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}],
+    )
+
+
+def _write_local_task(name: str, data: Path, **fields: Any) -> Path:
+    """An lm-eval task YAML over a local JSON-lines file (``prompt`` is the text), beside the data."""
     spec = {
-        "task": TASK_NAME,
+        "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data)}},
         "test_split": "test",
-        "output_type": "generate_until",
         "doc_to_text": "{{prompt}}",
-        "doc_to_target": "{{answer}}",
         "target_delimiter": "",
-        "generation_kwargs": {"until": [END], "do_sample": False, "max_gen_toks": max_gen_toks},
-        "metric_list": [{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}],
+        **fields,
         "metadata": {"version": 1.0},
     }
-    path = tasks_dir / f"{TASK_NAME}.yaml"
+    path = data.parent / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def write_choice_task(rows: list[dict], tasks_dir: Path, name: str, n_choices: int = 3, seed: int = 0) -> Path:
+    """The held-out rows as an ``n_choices``-way multiple-choice task (log-likelihood, ``acc``).
+
+    Each row's choices are its answer and answers of other rows, in a seeded order. A
+    log-likelihood view of the same split, for checks that need one (backends, benchmarks).
+    """
+    rng = random.Random(seed)
+    answers = sorted({r["answer"] for r in rows})
+    if len(answers) < n_choices:
+        raise ValueError(f"{n_choices} choices need at least {n_choices} distinct answers, found {len(answers)}")
+    out = []
+    for r in rows:
+        choices = [r["answer"], *rng.sample([a for a in answers if a != r["answer"]], n_choices - 1)]
+        rng.shuffle(choices)
+        out.append({"prompt": r["prompt"], "choices": choices, "label": choices.index(r["answer"])})
+    tasks_dir = Path(tasks_dir).resolve()
+    data = write_jsonl(out, tasks_dir / f"{name}.jsonl")
+    return _write_local_task(
+        name,
+        data,
+        output_type="multiple_choice",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{label}}",
+        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    )
 
 
 def evaluate_checkpoint(

@@ -10,14 +10,12 @@ tokenizer prepends BOS (as Llama's do): lm-eval's hf model keeps it, so the serv
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
-import yaml
 
 from compress.config import EvaluateConfig, PruneConfig, TaskWorldConfig
-from compress.data.taskworld import make_splits, write_jsonl
+from compress.data.taskworld import make_splits
 from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow
@@ -52,36 +50,10 @@ def _with_bos(checkpoint, out):
     return out
 
 
-def _mc_task(tasks_dir, heldout: list[dict]) -> None:
-    """The held-out split as 3-way multiple choice: the answer and two other rows' answers."""
-    rng = random.Random(0)
-    rows = []
-    for i, r in enumerate(heldout):
-        others = sorted({o["answer"] for o in heldout if o["answer"] != r["answer"]})
-        choices = [r["answer"], *rng.sample(others, 2)]
-        rng.shuffle(choices)
-        rows.append({"id": i, "prompt": r["prompt"], "choices": choices, "label": choices.index(r["answer"])})
-    write_jsonl(rows, tasks_dir / "mc.jsonl")
-    spec = {
-        "task": "taskworld_mc",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(tasks_dir / "mc.jsonl")}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{label}}",
-        "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0},
-    }
-    (tasks_dir / "taskworld_mc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
 def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path, bos):
     require_vllm()
-    from evaluation.harness import evaluate_checkpoint, tokenizer_adds_bos, write_task
+    from evaluation.harness import evaluate_checkpoint, tokenizer_adds_bos, write_choice_task, write_task
 
     checkpoint = _with_bos(pruned_teacher, tmp_path / "bos") if bos else pruned_teacher
     assert tokenizer_adds_bos(checkpoint) is bos
@@ -90,8 +62,7 @@ def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path, bos):
     _, heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
     tasks_dir, mc_dir = tmp_path / "tasks", tmp_path / "mc"
     write_task(heldout, tasks_dir, max_gen_toks=16)
-    mc_dir.mkdir()
-    _mc_task(mc_dir, heldout)
+    write_choice_task(heldout, mc_dir, "taskworld_mc")
 
     results = {}
     for backend in ("hf", "vllm"):
