@@ -1,0 +1,168 @@
+"""KD + CE with the lm_head inside the loss, computed a chunk of tokens at a time.
+
+The student's ``[tokens, vocab]`` float32 logits are the largest tensor of KD training (4096 tokens
+x 128256 ids is 2.1 GB, and autograd keeps several of them). Here they never exist whole: for each
+chunk of ``chunk_size`` tokens the logits are computed from the final hidden states, the loss and
+its gradient with respect to those logits are taken at once, and the gradients with respect to the
+hidden states and the lm_head weight are accumulated; the chunk's logits are then freed. Peak
+memory grows with the chunk size, not with the sequence length, and no matmul is repeated (the
+same design as Liger-Kernel's fused linear distillation losses; torchtune's chunked KL still holds
+all logits). An online teacher's logits are made the same way, chunk by chunk, without gradients.
+
+Written by hand because no maintained library offers it for our losses on CPU and GPU alike:
+Liger-Kernel's fused losses are Triton (GPU only) and cover JSD and forward KL, not the top-k and
+sampled teacher forms, skew KL or TVD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from compress.distill.losses import LossSpec, dense_loss, sampled_loss, topk_loss
+
+
+@dataclass
+class Head:
+    """An output layer: ``logits = softcap(hidden @ weight.T + bias)`` (Gemma-2 caps its logits)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = F.linear(hidden, self.weight, self.bias).float()
+        return torch.tanh(z / self.softcap) * self.softcap if self.softcap else z
+
+
+@dataclass
+class DenseTeacher:
+    """Full teacher logits, given (``logits``) or made per chunk from its hidden states and head."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    head: Head | None = None
+
+    def rows(self, a: int, b: int) -> DenseTeacher:
+        if self.logits is not None:
+            return DenseTeacher(logits=self.logits[a:b])
+        with torch.no_grad():
+            return DenseTeacher(logits=self.head.logits(self.hidden[a:b]))  # type: ignore[union-attr,index]
+
+    def loss(self, spec: LossSpec, student_logits: torch.Tensor) -> torch.Tensor:
+        return dense_loss(spec, student_logits, self.logits)  # type: ignore[arg-type]
+
+
+@dataclass
+class TopKTeacher:
+    """The cache's top-k ids and raw log-probs per token (``-inf`` = missing)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: str = "renormalize"
+
+    def rows(self, a: int, b: int) -> TopKTeacher:
+        return TopKTeacher(self.ids[a:b], self.logprobs[a:b], self.tail)
+
+    def loss(self, spec: LossSpec, student_logits: torch.Tensor) -> torch.Tensor:
+        return topk_loss(spec, student_logits, self.ids, self.logprobs, self.tail)
+
+
+@dataclass
+class SampledTeacher:
+    """Sampled teacher ids with their counts, log p and the proposal's log r (None: r = p)."""
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+    logprobs: torch.Tensor
+    proposal: torch.Tensor | None = None
+
+    def rows(self, a: int, b: int) -> SampledTeacher:
+        prop = None if self.proposal is None else self.proposal[a:b]
+        return SampledTeacher(self.ids[a:b], self.counts[a:b], self.logprobs[a:b], prop)
+
+    def loss(self, spec: LossSpec, student_logits: torch.Tensor) -> torch.Tensor:
+        return sampled_loss(spec, student_logits, self.ids, self.counts, self.logprobs, self.proposal)
+
+
+Teacher = DenseTeacher | TopKTeacher | SampledTeacher
+
+
+def kd_ce_sums(
+    hidden: torch.Tensor,
+    head: Head,
+    labels: torch.Tensor,
+    teacher: Teacher | None,
+    spec: LossSpec,
+    kd_weight: float,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum of kd_weight*KD + (1-kd_weight)*CE, sum of KD, sum of CE)`` over the given tokens.
+
+    ``hidden`` is ``[N, H]`` (final hidden states of the positions to score, already shifted and
+    masked), ``labels`` ``[N]``; the teacher describes the same N positions. Only the first sum
+    carries gradients (to ``hidden`` and to the head's weight and bias where they require them).
+    Divide by the number of tokens (global under gradient accumulation) to get the mean.
+    """
+    if kd_weight > 0 and teacher is None:
+        raise ValueError("kd_weight > 0 needs a teacher")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    bias = head.bias if head.bias is not None else hidden.new_zeros(0)
+    want = torch.is_grad_enabled()  # inside autograd.Function.forward it always reads False
+    return _ChunkedKDCE.apply(
+        hidden, head.weight, bias, head.softcap, labels, teacher, spec, kd_weight, chunk_size, want
+    )
+
+
+class _ChunkedKDCE(torch.autograd.Function):
+    """Forward computes the sums and, chunk by chunk, the gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, softcap, labels, teacher, spec, kd_weight, chunk_size, want):
+        needs = tuple(want and x for x in (hidden.requires_grad, weight.requires_grad, bias.requires_grad))
+        needs = (needs[0], needs[1], needs[2] and bias.numel() > 0)
+        head = Head(weight.detach(), bias.detach() if bias.numel() else None, softcap)
+        g_hidden = torch.zeros_like(hidden) if needs[0] else None
+        g_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        g_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
+        totals = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        for a in range(0, hidden.shape[0], chunk_size):
+            b = min(a + chunk_size, hidden.shape[0])
+            h = hidden[a:b].detach()
+            with torch.enable_grad():
+                z = F.linear(h, head.weight, head.bias).float().requires_grad_(any(needs))
+                logits = torch.tanh(z / softcap) * softcap if softcap else z
+                ce = F.cross_entropy(logits, labels[a:b], reduction="sum")
+                kd = teacher.rows(a, b).loss(spec, logits).sum() if kd_weight > 0 else torch.zeros_like(ce)
+                loss = kd_weight * kd + (1.0 - kd_weight) * ce
+                if z.requires_grad:
+                    (g_z,) = torch.autograd.grad(loss, z)
+            totals += torch.stack([loss.detach(), kd.detach(), ce.detach()])
+            if z.requires_grad:
+                if g_hidden is not None:
+                    g_hidden[a:b] = (g_z.to(head.weight.dtype) @ head.weight).to(hidden.dtype)
+                if g_weight is not None:
+                    g_weight += g_z.t() @ h.float()
+                if g_bias is not None:
+                    g_bias += g_z.sum(0)
+            del z, logits, loss  # the chunk's [chunk, vocab] tensors go before the next chunk's come
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (g_hidden, g_weight, g_bias)))
+        ctx.present = (g_hidden is not None, g_weight is not None, g_bias is not None)
+        ctx.dtypes = (weight.dtype, bias.dtype)
+        loss_sum, kd_sum, ce_sum = totals.unbind()
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return loss_sum, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_kd, _g_ce):
+        g_hidden, g_weight, g_bias = ctx.saved_tensors
+        has_h, has_w, has_b = ctx.present
+        return (
+            g_hidden * g_loss if has_h else None,
+            (g_weight * g_loss).to(ctx.dtypes[0]) if has_w else None,
+            (g_bias * g_loss).to(ctx.dtypes[1]) if has_b else None,
+            *([None] * 7),
+        )
