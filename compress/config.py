@@ -90,11 +90,16 @@ class TrainConfig(StrictModel):
     """Optimisation settings shared by teacher bootstrap, KD and SFT runs."""
 
     max_steps: int = Field(default=600, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(
+        default=64, ge=1, description="Global batch: sequences per optimizer step (all processes, micro-batches)."
+    )
     learning_rate: float = Field(default=3e-3, gt=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     bf16: bool = Field(default=False, description="bf16 autocast on GPUs that support it (weights stay fp32).")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="Micro-batches per optimizer step; batch_size stays the global batch."
+    )
     seed: int = 0
 
 
@@ -314,17 +319,71 @@ class GenerateConfig(StrictModel):
     request_timeout_s: float = Field(default=300, gt=0)
 
 
-class DistillConfig(StrictModel):
-    """White-box KD of the pruned student on the cached teacher top-k, plus an SFT-only baseline."""
+class LoraConfig(StrictModel):
+    """LoRA adapters (peft) instead of full fine-tuning; merged into a plain checkpoint at the end."""
 
-    loss: Literal["forward_kl"] = "forward_kl"
+    r: int = Field(default=16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(default=32.0, gt=0, description="Scaling numerator (lora_alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str = Field(
+        default="all-linear", description="'all-linear' or comma-separated module names, e.g. 'q_proj,v_proj'."
+    )
+
+
+# The divergences of compress.distill.losses (LOSSES there; a test keeps the two lists equal). Written
+# out here so that reading a config never imports torch.
+KDLoss = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"]
+
+
+class DistillConfig(StrictModel):
+    """White-box KD of the pruned student against the teacher, plus an SFT-only baseline.
+
+    loss = kd_weight * KD + (1 - kd_weight) * CE (+ hidden_weight * hidden-state MSE), averaged over
+    the completion tokens of each optimizer step.
+    """
+
+    loss: KDLoss = Field(default="forward_kl", description="The KD divergence.")
     kd_weight: float = Field(default=0.5, ge=0, le=1, description="alpha in alpha*KD + (1-alpha)*CE.")
     temperature: float = Field(default=1.0, gt=0)
+    skew_alpha: float = Field(default=0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM).")
+    jsd_beta: float = Field(default=0.5, ge=0, le=1, description="Generalized JSD weight (GKD; 0 = forward KL).")
     tail: Literal["renormalize", "bucket"] = Field(
         default="renormalize", description="Teacher mass outside the top-k: renormalise, or a (k+1)-th bucket."
     )
+    teacher_source: Literal["cached", "online"] = Field(
+        default="cached",
+        description="cached: the generate stage's top-k log-probs; online: the teacher in this process (full vocab).",
+    )
+    teacher_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto", description="Online teacher's dtype; auto = bf16 on GPUs that support it, else fp32."
+    )
+    hidden_weight: float = Field(
+        default=0.0, ge=0, description="Weight of the layerwise hidden-state MSE (online teacher only)."
+    )
+    chunk_size: int | None = Field(
+        default=None, ge=1, description="Tokens per chunk of the lm_head + loss; unset = sized to the vocabulary."
+    )
+    lora: LoraConfig | None = Field(default=None, description="Train LoRA adapters instead of every weight.")
+    num_processes: int = Field(default=1, ge=1, description="Training processes (torchrun; gloo on CPU, nccl on GPU).")
+    save_steps: int = Field(
+        default=100, ge=0, description="Checkpoint every N steps; a crashed stage resumes from the last (0 = never)."
+    )
     train: TrainConfig = TrainConfig(max_steps=800, batch_size=64, learning_rate=2e-3)
     sft_baseline: bool = Field(default=True, description="Also train a CE-only student on the same data.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillConfig:
+        if self.hidden_weight > 0 and self.teacher_source != "online":
+            raise ValueError("hidden_weight > 0 needs teacher_source: online (the cache has no hidden states)")
+        if self.tail == "bucket" and self.temperature != 1.0 and self.teacher_source == "cached":
+            raise ValueError("tail: bucket needs temperature 1 (the tail mass is only known at T = 1)")
+        per_step = self.num_processes * self.train.gradient_accumulation_steps
+        if self.train.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be a multiple of num_processes x "
+                f"train.gradient_accumulation_steps = {per_step}"
+            )
+        return self
 
 
 class EvalServingConfig(StrictModel):

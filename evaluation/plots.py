@@ -66,9 +66,15 @@ def plot_losses(logs: dict[str, Path], path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name, rows in curves.items():
-        what = "alpha*KD + (1-alpha)*CE" if name == "student" else "CE"
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{LABELS.get(name, name)}: {what}",
-                color=COLORS.get(name))  # fmt: skip
+        kd = any("kd" in r for r in rows)
+        what = "alpha*KD + (1-alpha)*CE" if kd else "CE"
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["loss"] for r in rows], label=f"{LABELS.get(name, name)}: {what}", color=COLORS.get(name))
+        # The KD run's two terms, dashed and dotted, so that their trade-off shows.
+        for part, style in (("kd", "--"), ("ce", ":")) if kd else ():
+            pts = [(r["step"], r[part]) for r in rows if part in r]
+            ax.plot(*zip(*pts, strict=True), style, color=COLORS.get(name), alpha=0.7,
+                    label=f"{LABELS.get(name, name)}: {part.upper()}")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")

@@ -26,7 +26,10 @@ GENERATE_RUNTIME_FIELDS = {
 }
 # Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
 # when only they change.
-KD_FIELDS = {"loss", "kd_weight", "temperature", "tail"}
+KD_FIELDS = {
+    *("loss", "kd_weight", "temperature", "skew_alpha", "jsd_beta", "tail"),
+    *("teacher_source", "teacher_dtype", "hidden_weight"),
+}
 # Settings that change how results are reported and judged, not the results: out of the evaluate key.
 EVALUATE_REPORT_FIELDS = {"headline", "gates"}
 
@@ -132,6 +135,8 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                     "out_dir": str(d / name),
                     "use_teacher_logits": use_logits,
                     "device": ctx.device,
+                    "teacher_dir": t,
+                    "trust_remote_code": remote,
                 },
                 key=[
                     config_hash(c.distill, exclude=None if use_logits else KD_FIELDS),
@@ -139,6 +144,8 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                     pruned.hashes.get("pruned"),
                     data_sha,
                     ctx.device,
+                    # The online teacher's weights decide the KD student; the cache's data_sha covers cached KD.
+                    ctx.teacher_id if use_logits and c.distill.teacher_source == "online" else None,
                 ],
                 inputs={"pruned": pruned.hashes.get("pruned"), "data": data_sha},
                 outputs={name: d / name},

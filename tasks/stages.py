@@ -31,6 +31,7 @@ from compress.models import load_tokenizer
 from compress.prune.prune import prune_model
 from compress.serving.vllm_server import ServerError, VLLMServer
 from evaluation.harness import evaluate_checkpoint
+from evaluation.plots import plot_losses
 from evaluation.tasks import eval_texts
 
 TRANSIENT = (ServerError, GenerationError, ConnectionError, TimeoutError)
@@ -208,9 +209,15 @@ def distill_task(
     out_dir: str,
     use_teacher_logits: bool,
     device: str,
+    teacher_dir: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Train the pruned student: KD on teacher top-k + CE, or CE only (SFT baseline)."""
+    """Train the pruned student: KD against the teacher + CE, or CE only (SFT baseline).
+
+    A crash (or a retry) resumes from the last checkpoint of the same job (``distill.save_steps``).
+    """
     label = "kd" if use_teacher_logits else "sft"
+    logger = get_run_logger()
     loss_log = Path(out_dir).parent / "logs" / f"train-{Path(out_dir).name}.jsonl"
     metrics = distill_student(
         Path(student_dir),
@@ -222,8 +229,14 @@ def distill_task(
         progress=_progress(f"distill-{label}", f"distill ({label})"),
         device=device,
         log_path=loss_log,
+        teacher_dir=Path(teacher_dir) if teacher_dir else None,
+        trust_remote_code=trust_remote_code,
     )
-    return {"path": out_dir, "loss_log": str(loss_log), **metrics}
+    if metrics.get("resumed_from_step"):
+        logger.info("distill (%s) resumed from step %d", label, metrics["resumed_from_step"])
+    plot = Path(out_dir).parent / "plots" / f"loss-{Path(out_dir).name}.png"
+    plot_losses({Path(out_dir).name: loss_log}, plot)
+    return {"path": out_dir, "loss_log": str(loss_log), "loss_plot": str(plot), **metrics}
 
 
 @stage_task("evaluate")

@@ -88,6 +88,15 @@ class SampledTeacher:
 
 
 Teacher = DenseTeacher | TopKTeacher | SampledTeacher
+# Logits per chunk when the size is automatic: 2^25 float32 values (128 MiB) per [chunk, vocab]
+# tensor; a few of them live at once. 256 tokens at Llama 3's 128256 ids, everything at once on
+# small vocabularies.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def auto_chunk(vocab: int) -> int:
+    """Tokens per chunk for a vocabulary of ``vocab`` ids (``CHUNK_ELEMENTS`` logits per chunk)."""
+    return max(1, CHUNK_ELEMENTS // vocab)
 
 
 def kd_ce_sums(
@@ -97,7 +106,7 @@ def kd_ce_sums(
     teacher: Teacher | None,
     spec: LossSpec,
     kd_weight: float,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum of kd_weight*KD + (1-kd_weight)*CE, sum of KD, sum of CE)`` over the given tokens.
 
@@ -105,7 +114,9 @@ def kd_ce_sums(
     masked), ``labels`` ``[N]``; the teacher describes the same N positions. Only the first sum
     carries gradients (to ``hidden`` and to the head's weight and bias where they require them).
     Divide by the number of tokens (global under gradient accumulation) to get the mean.
+    ``chunk_size`` tokens per chunk; None sizes chunks to about ``CHUNK_ELEMENTS`` logits each.
     """
+    chunk_size = chunk_size or auto_chunk(head.weight.shape[0])
     if kd_weight > 0 and teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher")
     if chunk_size < 1:

@@ -1,4 +1,4 @@
-"""Where the teacher signal comes from. Today: the cached top-k written by the generate stage."""
+"""Training examples from the generate stage: prompts, teacher completions and the cached top-k."""
 
 from __future__ import annotations
 

@@ -148,21 +148,7 @@ class VLLMServer:
         if proc is None:
             return
         atexit.unregister(self.stop)
-        try:
-            pgid = os.getpgid(proc.pid)
-        except ProcessLookupError:
-            return
-        # The API server and its engine-core child share the group: signal all of them, then wait
-        # until none is left (not just the direct child), escalating to SIGKILL after the grace.
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait)
-            if _wait_group_gone(pgid, timeout=wait):
-                break
+        stop_group(proc, grace_s)
 
     def _on_sigterm(self, signum, frame) -> None:
         prev = self._prev_sigterm
@@ -178,6 +164,27 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop the process group led by ``proc``: SIGTERM, wait up to ``grace_s``, then SIGKILL.
+
+    A vLLM API server and its engine-core child (or torchrun and its ranks) share the group: signal
+    all of them, then wait until none is left (not just the direct child).
+    """
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+        if _wait_group_gone(pgid, timeout=wait):
+            break
 
 
 def group_members(pgid: int) -> list[int]:
