@@ -183,7 +183,9 @@ def run_torchrun(job: DistillJob, progress: Progress | None = None, poll_s: floa
     finally:
         log.close()
     if proc.returncode != 0:
-        tail = (work / "torchrun.log").read_text(errors="replace").strip().splitlines()[-15:]
+        lines = (work / "torchrun.log").read_text(errors="replace").strip().splitlines()
+        # The ranks' own exceptions say why; torchrun's summary after them does not.
+        tail = [x for x in lines if "Error" in x and "ChildFailedError" not in x][:5] or lines[-15:]
         raise RuntimeError(
             f"distill under torchrun ({job.cfg.num_processes} processes) failed with exit code "
             f"{proc.returncode}; log {work / 'torchrun.log'}:\n" + "\n".join(tail)

@@ -270,7 +270,7 @@ class KDTrainer(Trainer):
             teacher = TopKTeacher(t_ids[:, 1:][mask], t_lp[:, 1:][mask], obj.tail)
         loss_sum, kd_sum, ce_sum = kd_ce_sums(
             hidden,
-            output_head(model, self.vocab),
+            output_head(self.accelerator.unwrap_model(model), self.vocab),  # DDP hides get_output_embeddings
             labels[:, 1:][mask],
             teacher,
             obj.spec,
@@ -381,10 +381,6 @@ def _apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, cfg)
 
 
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def train_causal_lm(
     init_dir: Path | None,
     examples: list[dict[str, Any]],
@@ -443,13 +439,6 @@ def train_causal_lm(
     if lora is not None:
         model = _apply_lora(model, lora)
     work = Path(out_dir).with_name(Path(out_dir).name + ".trainer")
-    main = _is_main_process()
-    resume = _resume_point(work, fingerprint) if main else get_last_checkpoint(str(work)) if work.is_dir() else None
-    if dist.is_available() and dist.is_initialized():
-        # Every process resumes from the same checkpoint (the main one may have wiped a stale dir).
-        box = [resume]
-        dist.broadcast_object_list(box, src=0)
-        resume = box[0]
     log_every = max(1, train.max_steps // 20)
     micro = train.batch_size // (num_processes * train.gradient_accumulation_steps)
     if micro < 1 or micro * num_processes * train.gradient_accumulation_steps != train.batch_size:
@@ -472,6 +461,7 @@ def train_causal_lm(
         report_to=[],
         use_cpu=device == "cpu",
         ddp_backend="gloo" if device == "cpu" and num_processes > 1 else None,
+        ddp_find_unused_parameters=False,  # every trained weight takes part in each step's loss
         bf16=train.bf16 and device.startswith("cuda") and torch.cuda.is_bf16_supported(),
         seed=train.seed,
         data_seed=train.seed,
@@ -479,6 +469,14 @@ def train_causal_lm(
         remove_unused_columns=False,
         disable_tqdm=True,
     )
+    _ = args.device  # sets up the process group under torchrun (accelerate's PartialState)
+    main = args.process_index == 0
+    resume = _resume_point(work, fingerprint) if main else None
+    if dist.is_available() and dist.is_initialized():
+        # Every process resumes from the checkpoint the main one chose (it may have wiped a stale dir).
+        box = [resume]
+        dist.broadcast_object_list(box, src=0)
+        resume = box[0]
     callbacks: list[TrainerCallback] = [_ProgressCallback(progress)] if progress else []
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
