@@ -103,6 +103,29 @@ def test_online_teacher_equals_cache_when_k_is_the_vocabulary(tmp_path, student)
     assert [r["kd"] for r in live] == pytest.approx([r["kd"] for r in cached], rel=1e-2)
 
 
+def test_sampled_cache_estimates_the_dense_kl(tmp_path, student):
+    """A sampled cache ("Sparse Logit Sampling", ids drawn from p with their counts) trains with the
+    unbiased estimator: with many draws its first-step forward KL is the dense one (k = V cache)."""
+    vocab = load_model(TEACHER).config.vocab_size
+    dense = make_distill_data(tmp_path / "dense", n=16, k=vocab)
+    sampled = make_distill_data(tmp_path / "sampled", n=16, draws=4000)
+    assert (sampled / "logits" / "counts.npy").is_file()
+    cfg = _cfg(loss="forward_kl", train={"max_steps": 3, "batch_size": 8})
+    logs = {}
+    for name, d in (("dense", dense), ("sampled", sampled)):
+        logs[name] = (
+            read_loss_log(tmp_path / f"{name}.jsonl")
+            if distill_student(
+                student, d / "data", d / "logits", cfg, tmp_path / name, log_path=tmp_path / f"{name}.jsonl"
+            )
+            else None
+        )
+    # Same completions (greedy), same CE; the KD estimate within a few percent of the exact value.
+    assert logs["sampled"][0]["ce"] == pytest.approx(logs["dense"][0]["ce"], rel=1e-5)
+    assert logs["sampled"][0]["kd"] == pytest.approx(logs["dense"][0]["kd"], rel=0.05)
+    assert _max_diff(_weights(tmp_path / "sampled"), _weights(student)) > 0
+
+
 def test_hidden_mse_with_a_projection_is_trained_and_not_saved(tmp_path, data):
     """A narrower student (width pruned): the learned projection maps its states to the teacher's."""
     from compress.config import PruneConfig
@@ -184,7 +207,9 @@ def test_sigkill_in_the_middle_then_resume_gives_the_same_weights(data, student,
     result = read_json(job.with_name("result.json"))
     assert result["resumed_from_step"] >= 8 and result["steps"] == 12
     # Trainer restores weights, optimizer, scheduler, RNG and the data position: the same run.
-    assert _max_diff(_weights(tmp_path / "straight"), _weights(tmp_path / "killed")) <= 1e-6
+    diff = _max_diff(_weights(tmp_path / "straight"), _weights(tmp_path / "killed"))
+    print(f"resumed from step {result['resumed_from_step']}: max weight difference {diff:.3g}")
+    assert diff <= 1e-6
     log = read_loss_log(tmp_path / "killed.log.jsonl")
     assert [r["step"] for r in log] == [r["step"] for r in read_loss_log(tmp_path / "straight.log.jsonl")]
 
@@ -204,7 +229,10 @@ def test_two_processes_give_the_loss_curve_of_one(data, student, tmp_path):
     # Same global batches in a different order of summation (gloo all-reduce): float32 rounding only.
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-3)
     assert [r["kd"] for r in two] == pytest.approx([r["kd"] for r in one], rel=1e-3, abs=1e-6)
-    assert _max_diff(_weights(tmp_path / "p1"), _weights(tmp_path / "p2")) < 1e-4
+    rel = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(one, two, strict=True))
+    diff = _max_diff(_weights(tmp_path / "p1"), _weights(tmp_path / "p2"))
+    print(f"2 processes vs 1: loss curve max relative difference {rel:.3g}, max weight difference {diff:.3g}")
+    assert diff < 1e-4
 
 
 @pytest.mark.slow

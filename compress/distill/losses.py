@@ -170,7 +170,9 @@ def sampled_loss(
     log_q = F.log_softmax(student_logits.float(), dim=-1).gather(-1, ids.long().clamp(min=0))
     log_p = teacher_logprobs.float()
     log_r = log_p if proposal_logprobs is None else proposal_logprobs.float()
-    weight = counts / n * torch.exp(-log_r.clamp(min=_NEG)) * (counts > 0)
+    drawn = counts > 0
+    # Padding (count 0) may carry any log p (-inf, -1e4): keep its 1/r finite before it is zeroed.
+    weight = counts / n * torch.exp(-torch.where(drawn, log_r, torch.zeros_like(log_r)))
     return (weight * terms(spec, log_p, log_q)).sum(-1)
 
 

@@ -9,9 +9,10 @@ One training function serves three jobs, chosen by the ``Objective``:
 Features, all from the library where the library has them:
   * the loss is chunked over tokens with the lm_head inside it (``compress.distill.chunked``): the
     full ``[tokens, vocab]`` logits of student and teacher never exist at once;
-  * the teacher is the generate stage's cached top-k (``teacher_ids``/``teacher_logprobs`` in the
-    batch) or a model in the same process (``teacher_model``, no gradients); vocabularies that differ
-    only by padding rows are cut to the shared ids;
+  * the teacher is the generate stage's cache in the batch, top-k (``teacher_ids``/
+    ``teacher_logprobs``) or sampled ids with their counts (the unbiased estimator), or a model
+    in the same process (``teacher_model``, no gradients); vocabularies that differ only by
+    padding rows are cut to the shared ids;
   * an optional layerwise hidden-state MSE with a learned projection where the widths differ;
   * normalisation by the global count of completion tokens of the optimizer step (Trainer's
     ``num_items_in_batch``), so gradient accumulation and several processes give the same loss;
@@ -44,7 +45,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from compress.config import LoraConfig, TrainConfig
 from compress.data.taskworld import write_jsonl
-from compress.distill.chunked import DenseTeacher, Head, TopKTeacher, kd_ce_sums
+from compress.distill.chunked import DenseTeacher, Head, SampledTeacher, TopKTeacher, kd_ce_sums
 from compress.distill.losses import LossSpec
 from compress.models import load_model, load_tokenizer, save_checkpoint
 
@@ -91,8 +92,18 @@ class ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+# Cache fields laid out per token by the collator, with the value that pads them (a padded row has
+# log-prob -inf and count 0, so it weighs nothing).
+TEACHER_FIELDS = {"teacher_ids": (torch.long, 0), "teacher_logprobs": (torch.float32, float("-inf")),
+                  "teacher_counts": (torch.float32, 0.0), "teacher_proposal": (torch.float32, 0.0)}  # fmt: skip
+
+
 def make_collator(pad_id: int, top_k: int | None):
-    """Right-pad a batch; lay teacher top-k out as ``[B, T, k]`` (log-prob -inf where absent)."""
+    """Right-pad a batch; lay the teacher's cached rows out as ``[B, T, k]`` aligned with ``labels``.
+
+    ``top_k`` set: the examples carry ``teacher_ids``/``teacher_logprobs`` (and, from a sampled cache,
+    ``teacher_counts``/``teacher_proposal``) with one row per completion token.
+    """
 
     def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(ex["input_ids"]) for ex in batch)
@@ -101,19 +112,18 @@ def make_collator(pad_id: int, top_k: int | None):
         labels = torch.full((n, width), -100, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": attn}
-        if top_k:
-            t_ids = torch.zeros((n, width, top_k), dtype=torch.long)
-            t_lp = torch.full((n, width, top_k), float("-inf"), dtype=torch.float32)
-            out |= {"teacher_ids": t_ids, "teacher_logprobs": t_lp}
+        fields = [f for f in TEACHER_FIELDS if top_k and f in batch[0]]
+        for f in fields:
+            dtype, fill = TEACHER_FIELDS[f]
+            out[f] = torch.full((n, width, np.asarray(batch[0][f]).shape[-1]), fill, dtype=dtype)
         for i, ex in enumerate(batch):
             L = len(ex["input_ids"])
             input_ids[i, :L] = torch.tensor(ex["input_ids"])
             labels[i, :L] = torch.tensor(ex["labels"])
             attn[i, :L] = 1
-            if top_k and "teacher_ids" in ex:
-                m = len(ex["teacher_ids"])  # one row per completion token, at the end of the sequence
-                t_ids[i, L - m : L] = torch.as_tensor(np.asarray(ex["teacher_ids"]))
-                t_lp[i, L - m : L] = torch.as_tensor(np.asarray(ex["teacher_logprobs"], dtype=np.float32))
+            for f in fields:
+                rows = torch.as_tensor(np.asarray(ex[f]))
+                out[f][i, L - len(rows) : L] = rows.to(out[f].dtype)  # the completion: the sequence's end
         return out
 
     return collate
@@ -251,6 +261,8 @@ class KDTrainer(Trainer):
         labels = inputs.pop("labels")
         t_ids = inputs.pop("teacher_ids", None)
         t_lp = inputs.pop("teacher_logprobs", None)
+        t_counts = inputs.pop("teacher_counts", None)
+        t_prop = inputs.pop("teacher_proposal", None)
         ids, attn = inputs["input_ids"], inputs["attention_mask"]
         # Shift: position t predicts token t+1; the teacher rows are stored at the target position.
         mask = labels[:, 1:] != -100
@@ -267,7 +279,12 @@ class KDTrainer(Trainer):
         elif obj.kd_weight > 0:
             if t_ids is None or t_lp is None:
                 raise ValueError("kd_weight > 0 needs the teacher's top-k in the batch or a teacher model")
-            teacher = TopKTeacher(t_ids[:, 1:][mask], t_lp[:, 1:][mask], obj.tail)
+            rows = (t_ids[:, 1:][mask], t_lp[:, 1:][mask])
+            if t_counts is not None:  # a sampled cache: the unbiased estimator
+                prop = t_prop[:, 1:][mask] if t_prop is not None else None
+                teacher = SampledTeacher(rows[0], t_counts[:, 1:][mask], rows[1], prop)
+            else:
+                teacher = TopKTeacher(*rows, obj.tail)
         loss_sum, kd_sum, ce_sum = kd_ce_sums(
             hidden,
             output_head(self.accelerator.unwrap_model(model), self.vocab),  # DDP hides get_output_embeddings
