@@ -5,7 +5,7 @@ and teacher, each with its lm_head ``[V, H]``, loss ``0.5 * JSD(beta=0.5) + 0.5 
 to the student's hidden states and lm_head. Defaults H = 2048, V = 128256 (Llama 3's vocabulary),
 4096 tokens. Three implementations, each in its own process (so that its peak RSS is its own):
 
-- ``ours``: ``compress.distill.chunked.kd_ce_sums`` (lm_head inside the loss; chunks of 256 tokens
+- ``ours``: ``compress.distill.chunked.kd_ce_sums`` (lm_head inside the loss; chunks of 65 tokens
   at this vocabulary, the automatic size);
 - ``naive``: plain PyTorch on full logits (both models' ``[tokens, V]`` logits, then the loss);
 - ``trl``: full logits and TRL's ``GKDTrainer.generalized_jsd_loss`` (+ CE), where TRL imports:

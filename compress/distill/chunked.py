@@ -88,10 +88,11 @@ class SampledTeacher:
 
 
 Teacher = DenseTeacher | TopKTeacher | SampledTeacher
-# Logits per chunk when the size is automatic: 2^25 float32 values (128 MiB) per [chunk, vocab]
-# tensor; a few of them live at once. 256 tokens at Llama 3's 128256 ids, everything at once on
-# small vocabularies.
-CHUNK_ELEMENTS = 1 << 25
+# Logits per chunk when the size is automatic: 2^23 float32 values (32 MiB) per [chunk, vocab]
+# tensor. A dense JSD keeps about 16 such tensors alive at its peak (measured), so about 0.5 GB;
+# 65 tokens at Llama 3's 128256 ids, 262 at 32000. Larger chunks were no faster on CPU
+# (bench/kd_trainer.py: 1048 tokens at 32000 ids peaked 0.76 GB higher at the same speed).
+CHUNK_ELEMENTS = 1 << 23
 
 
 def auto_chunk(vocab: int) -> int:
@@ -146,7 +147,8 @@ class _ChunkedKDCE(torch.autograd.Function):
             with torch.enable_grad():
                 z = F.linear(h, head.weight, head.bias).float().requires_grad_(any(needs))
                 logits = torch.tanh(z / softcap) * softcap if softcap else z
-                ce = F.cross_entropy(logits, labels[a:b], reduction="sum")
+                # At kd_weight 1 the CE is only logged: no gradient (and no backward pass) through it.
+                ce = F.cross_entropy(logits if kd_weight < 1 else logits.detach(), labels[a:b], reduction="sum")
                 kd = teacher.rows(a, b).loss(spec, logits).sum() if kd_weight > 0 else torch.zeros_like(ce)
                 loss = kd_weight * kd + (1.0 - kd_weight) * ce
                 if z.requires_grad:

@@ -107,11 +107,16 @@ def terms(spec: LossSpec, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Ten
     return 0.5 * (log_p.exp() - log_q.exp()).abs()  # tvd
 
 
+def _tempered(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """float32 logits / T (no division, a full [N, V] pass, at T = 1)."""
+    return logits.float() if t == 1.0 else logits.float() / t
+
+
 def dense_loss(spec: LossSpec, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Per-position loss between full-vocabulary student and teacher logits (``[N, V]`` each)."""
     t = spec.temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_q = F.log_softmax(_tempered(student_logits, t), dim=-1)
+    log_p = F.log_softmax(_tempered(teacher_logits, t), dim=-1)
     return terms(spec, log_p, log_q).sum(-1) * t**2
 
 
@@ -129,7 +134,7 @@ def topk_loss(
     if tail == "bucket" and t != 1.0:
         raise ValueError("tail='bucket' needs temperature 1 (the tail mass is only known at T = 1)")
     valid = torch.isfinite(teacher_logprobs)
-    log_q_full = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_q_full = F.log_softmax(_tempered(student_logits, t), dim=-1)
     log_q = log_q_full.gather(-1, teacher_ids.long().clamp(min=0)).masked_fill(~valid, _NEG)
     t_lp = teacher_logprobs.float().masked_fill(~valid, _NEG)
     if tail == "bucket":

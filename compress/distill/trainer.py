@@ -255,6 +255,11 @@ class KDTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._window = torch.zeros(4, dtype=torch.float64)  # KD, CE, hidden MSE sums, tokens since the last log
+        if hidden_mse is not None and self.args.world_size > 1:
+            # The projection lives outside the DDP-wrapped model: average its gradients by hand.
+            world = self.args.world_size
+            for p in hidden_mse.parameters():
+                p.register_hook(lambda g: _all_reduce_(g) / world)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         obj = self.objective
@@ -329,6 +334,12 @@ class KDTrainer(Trainer):
         return optimizer
 
 
+def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 class _ProgressCallback(TrainerCallback):
     def __init__(self, progress: Progress):
         self.progress = progress
@@ -368,7 +379,8 @@ def _fingerprint(init_dir: Path | None, model, examples: list[dict[str, Any]], p
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     h.update(str(init_dir).encode() if init_dir else b"")
     for p in model.state_dict().values():
-        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])  # a sample of each tensor: cheap, and telling
+        # The first values of each tensor: telling, and cheap even for a model on a GPU.
+        h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
     for ex in examples:
         h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
         if "teacher_logprobs" in ex:
