@@ -91,7 +91,8 @@ Teacher = DenseTeacher | TopKTeacher | SampledTeacher
 # Logits per chunk when the size is automatic: 2^23 float32 values (32 MiB) per [chunk, vocab]
 # tensor. A dense JSD keeps about 16 such tensors alive at its peak (measured), so about 0.5 GB;
 # 65 tokens at Llama 3's 128256 ids, 262 at 32000. Larger chunks were no faster on CPU
-# (bench/kd_trainer.py: 1048 tokens at 32000 ids peaked 0.76 GB higher at the same speed).
+# (bench/kd_trainer.py: 1048 tokens at 32000 ids peaked 0.76 GB higher at the same speed;
+# bench/kd_loss.py at 128256 ids: 131 tokens took 45 s and 2.2 GB, 65 tokens 37 s and 1.8 GB).
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -158,12 +159,13 @@ class _ChunkedKDCE(torch.autograd.Function):
                 if g_hidden is not None:
                     g_hidden[a:b] = (g_z.to(head.weight.dtype) @ head.weight).to(hidden.dtype)
                 if g_weight is not None:
-                    g_weight += g_z.t() @ h.float()
+                    g_weight.addmm_(g_z.t(), h.float())  # in place: no [vocab, hidden] temporary per chunk
                 if g_bias is not None:
                     g_bias += g_z.sum(0)
             del z, logits, loss  # the chunk's [chunk, vocab] tensors go before the next chunk's come
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (g_hidden, g_weight, g_bias)))
-        ctx.present = (g_hidden is not None, g_weight is not None, g_bias is not None)
+        # Kept on ctx, not saved for backward: backward hands these very tensors to autograd (no copy
+        # of a gradient as large as the lm_head), which it can only do if nothing else holds them.
+        ctx.grads = [g_hidden, g_weight, g_bias]
         ctx.dtypes = (weight.dtype, bias.dtype)
         loss_sum, kd_sum, ce_sum = totals.unbind()
         ctx.mark_non_differentiable(kd_sum, ce_sum)
@@ -171,11 +173,13 @@ class _ChunkedKDCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_kd, _g_ce):
-        g_hidden, g_weight, g_bias = ctx.saved_tensors
-        has_h, has_w, has_b = ctx.present
+        if ctx.grads is None:
+            raise RuntimeError("kd_ce_sums: a second backward through the same loss is not supported")
+        g_hidden, g_weight, g_bias = ctx.grads
+        ctx.grads = None
         return (
-            g_hidden * g_loss if has_h else None,
-            (g_weight * g_loss).to(ctx.dtypes[0]) if has_w else None,
-            (g_bias * g_loss).to(ctx.dtypes[1]) if has_b else None,
+            g_hidden.mul_(g_loss) if g_hidden is not None else None,
+            g_weight.mul_(g_loss).to(ctx.dtypes[0]) if g_weight is not None else None,
+            g_bias.mul_(g_loss).to(ctx.dtypes[1]) if g_bias is not None else None,
             *([None] * 7),
         )

@@ -383,8 +383,9 @@ def _fingerprint(init_dir: Path | None, model, examples: list[dict[str, Any]], p
         h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
     for ex in examples:
         h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
-        if "teacher_logprobs" in ex:
-            h.update(np.asarray(ex["teacher_logprobs"], dtype=np.float32).tobytes())
+        for f in TEACHER_FIELDS:
+            if f in ex:
+                h.update(np.asarray(ex[f]).tobytes())
     return h.hexdigest()
 
 
