@@ -227,8 +227,8 @@ def test_two_processes_give_the_loss_curve_of_one(data, student, tmp_path):
     one, two = read_loss_log(logs[1]), read_loss_log(logs[2])
     assert [r["step"] for r in one] == [r["step"] for r in two]
     # Same global batches in a different order of summation (gloo all-reduce): float32 rounding only.
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-3)
-    assert [r["kd"] for r in two] == pytest.approx([r["kd"] for r in one], rel=1e-3, abs=1e-6)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert [r["kd"] for r in two] == pytest.approx([r["kd"] for r in one], rel=1e-4, abs=1e-6)
     rel = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(one, two, strict=True))
     diff = _max_diff(_weights(tmp_path / "p1"), _weights(tmp_path / "p2"))
     print(f"2 processes vs 1: loss curve max relative difference {rel:.3g}, max weight difference {diff:.3g}")
