@@ -68,7 +68,8 @@ def _story(summary: dict[str, Any], config: dict[str, Any], stages: dict[str, An
     how = f"{prune.get('method', '?')} pruning by {prune.get('selection', '?')}" if prune else "pruning"
     kd = (
         f"white-box knowledge distillation ({distill.get('loss', '?')}, kd_weight {distill.get('kd_weight', '?')}, "
-        f"temperature {distill.get('temperature', '?')}) on {trained.get('examples', '?')} teacher completions "
+        f"temperature {distill.get('temperature', '?')}, {distill.get('teacher_source', 'cached')} teacher"
+        f"{', LoRA merged' if distill.get('lora') else ''}) on {trained.get('examples', '?')} teacher completions "
         f"for {trained.get('steps', '?')} steps"
     )
     return f"Compressed from `{teacher}` by distillflow: {how}, {size}, then {kd}."
