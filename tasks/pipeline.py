@@ -144,8 +144,9 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                     pruned.hashes.get("pruned"),
                     data_sha,
                     ctx.device,
-                    # The online teacher's weights decide the KD student; the cache's data_sha covers cached KD.
-                    ctx.teacher_id if use_logits and c.distill.teacher_source == "online" else None,
+                    # The online teacher's weights decide the KD student; data_sha covers the cached one.
+                    # (Never None here: the planner reads a None key part as "upstream not known yet".)
+                    ctx.teacher_id if use_logits and c.distill.teacher_source == "online" else "no online teacher",
                 ],
                 inputs={"pruned": pruned.hashes.get("pruned"), "data": data_sha},
                 outputs={name: d / name},
