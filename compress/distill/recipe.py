@@ -54,7 +54,7 @@ def run_job(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]
     """Train one student in this process (one rank of a torchrun job, or the only process)."""
     from compress.distill.losses import LossSpec
     from compress.distill.sources import load_cached_examples
-    from compress.distill.trainer import Objective, train_causal_lm
+    from compress.distill.trainer import Objective, shared_vocab, train_causal_lm
     from compress.models import count_params, load_model, load_tokenizer
 
     cfg = job.cfg
@@ -77,8 +77,6 @@ def run_job(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]
             job.teacher_dir, teacher_dtype(cfg.teacher_dtype, device), device, job.trust_remote_code
         ).eval()
         teacher.requires_grad_(False)
-        from compress.distill.trainer import shared_vocab
-
         shared_vocab(model, teacher, tokenizer, load_tokenizer(job.teacher_dir, job.trust_remote_code))
     objective = Objective(
         kd_weight=cfg.kd_weight if kd else 0.0,

@@ -447,8 +447,6 @@ def train_causal_lm(
     torch.manual_seed(train.seed)
     model = model if model is not None else load_model(init_dir, device=device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(init_dir)
-    if teacher_model is not None:
-        shared_vocab(model, teacher_model)  # fails early on a real vocabulary mismatch
     hidden_mse = None
     if objective.hidden_weight > 0:
         if teacher_model is None:
@@ -470,11 +468,12 @@ def train_causal_lm(
         model = _apply_lora(model, lora)
     work = Path(out_dir).with_name(Path(out_dir).name + ".trainer")
     log_every = max(1, train.max_steps // 20)
-    micro = train.batch_size // (num_processes * train.gradient_accumulation_steps)
-    if micro < 1 or micro * num_processes * train.gradient_accumulation_steps != train.batch_size:
+    # DistillConfig checks this at load; bootstrap and direct callers meet it here.
+    if train.batch_size % (num_processes * train.gradient_accumulation_steps):
         raise ValueError(
             f"batch_size {train.batch_size} is not divisible by num_processes x gradient_accumulation_steps"
         )
+    micro = train.batch_size // (num_processes * train.gradient_accumulation_steps)
     args = TrainingArguments(
         output_dir=str(work),
         max_steps=train.max_steps,
