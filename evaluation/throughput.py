@@ -43,7 +43,13 @@ def throughput_prompts(taskworld_dir: Path | None, n: int) -> list[str]:
 
 
 def measure_throughput(
-    base_url: str, served_name: str, model_dir: Path, prompts: list[str], cfg: EvalServingConfig, max_model_len: int
+    base_url: str,
+    served_name: str,
+    model_dir: Path,
+    prompts: list[str],
+    cfg: EvalServingConfig,
+    max_model_len: int,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``{"tokens_per_s", "tokens", "requests", "seconds", "max_tokens", "concurrency"}`` of the server."""
     from transformers import AutoTokenizer
@@ -52,13 +58,15 @@ def measure_throughput(
     max_tokens = min(cfg.throughput_tokens, max_model_len - longest)
     if max_tokens < 1:
         raise ValueError(f"evaluate.vllm.max_model_len: {max_model_len} leaves no room to generate after the prompts")
-    return asyncio.run(_measure(base_url, served_name, prompts, max_tokens, cfg.throughput_concurrency))
+    return asyncio.run(_measure(base_url, served_name, prompts, max_tokens, cfg.throughput_concurrency, headers))
 
 
-async def _measure(base_url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+async def _measure(
+    base_url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, headers: dict | None
+) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, headers=headers) as client:
 
         async def one(prompt: str) -> int:
             async with gate:

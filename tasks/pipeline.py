@@ -23,6 +23,10 @@ GENERATE_RUNTIME_FIELDS = {
     "startup_timeout_s",
     "request_timeout_s",
     "endpoint",  # where the teacher is served, not what it is: the teacher's identity is in the key
+    "shard_size",
+    "server_threads",
+    "max_restarts",
+    "kv_cache_gib",
 }
 # Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
 # when only they change.
@@ -44,6 +48,16 @@ class Context:
     eval_id: str  # identity of the evaluation sets (task names, held-out split, task YAMLs)
     tasks_dir: Path  # the task world's lm-eval task, when evaluated
     device: str
+
+
+def generate_unused(gen) -> set[str]:
+    """Generate settings left out of its cache key: runtime ones, and those the chosen mode ignores."""
+    unused = set(GENERATE_RUNTIME_FIELDS)
+    if gen.mode != "self_distill":
+        unused.add("self_distill")
+    if gen.logits != "sampled":
+        unused.add("draws")
+    return unused
 
 
 def _sources_content(cfg: PipelineConfig) -> list[str]:
@@ -102,6 +116,8 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
     )
     if until == "prune":
         return done
+    # Log-probs cost the server half its speed: ask for them only when a student reads the cache.
+    need_logits = c.distill.teacher_source == "cached"
     done["generate"] = gen = run(
         Stage(
             name="generate",
@@ -112,8 +128,16 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                 "cfg": c.generate,
                 "run_dir": str(d),
                 "trust_remote_code": remote,
+                "need_logits": need_logits,
+                "device": ctx.device,
+                "teacher_id": ctx.teacher_id,
             },
-            key=[config_hash(c.generate, exclude=GENERATE_RUNTIME_FIELDS), ctx.teacher_id, prep.hashes.get("prompts")],
+            key=[
+                config_hash(c.generate, exclude=generate_unused(c.generate)),
+                ctx.teacher_id,
+                prep.hashes.get("prompts"),
+                need_logits,
+            ],
             inputs={"teacher": ctx.teacher_id, "prompts": prep.hashes.get("prompts")},
             outputs={"data": data_dir / "train.jsonl", "logits": logits_dir},
             config=c.generate,

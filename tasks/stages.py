@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import inspect
-import os
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,14 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 
 from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PipelineConfig, PruneConfig
-from compress.data.generate import GenerationError, generate_with_logprobs
 from compress.data.sources import prepare_data
 from compress.data.taskworld import read_jsonl
 from compress.distill.recipe import distill_student
+from compress.generate.launch import generate_data
+from compress.generate.teacher import GenerationError
 from compress.models import load_tokenizer
 from compress.prune.prune import prune_model
-from compress.serving.vllm_server import ServerError, VLLMServer
+from compress.serving.vllm_server import ServerError
 from evaluation.harness import evaluate_checkpoint
 from evaluation.plots import plot_losses
 from evaluation.tasks import eval_texts
@@ -165,39 +166,45 @@ def prune_task(
 
 
 @stage_task("generate")
-def generate_task(teacher_dir: str, prompts: str, cfg: GenerateConfig, run_dir: str, trust_remote_code: bool) -> dict:
-    """Serve the teacher with vLLM, complete every training prompt, keep top-k log-probs."""
-    rows = read_jsonl(Path(prompts))
-    out = Path(run_dir)
+def generate_task(
+    teacher_dir: str,
+    prompts: str,
+    cfg: GenerateConfig,
+    run_dir: str,
+    trust_remote_code: bool,
+    need_logits: bool = True,
+    device: str = "cpu",
+    teacher_id: str = "",
+) -> dict:
+    """Every training prompt through the teacher (vLLM, an endpoint, or transformers), in resumable shards."""
+    from prefect.artifacts import create_table_artifact
+
     logger = get_run_logger()
-    progress = _progress("generate", "generate")
-    if cfg.endpoint is not None:
-        key = os.environ.get(cfg.endpoint.api_key_env) if cfg.endpoint.api_key_env else None
-        if cfg.endpoint.api_key_env and not key:
-            raise ValueError(f"generate.endpoint.api_key_env: ${cfg.endpoint.api_key_env} is not set")
-        logger.info("teacher served at %s (%s)", cfg.endpoint.url, cfg.endpoint.model)
-        stats = generate_with_logprobs(
-            cfg.endpoint.url.rstrip("/"), cfg.endpoint.model, rows, cfg, out / "data", out / "logits", progress, key
-        )
-    else:
-        server = VLLMServer(
-            Path(teacher_dir),
-            python=cfg.vllm_python,
-            log_path=out / "logs" / "vllm-server.log",
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            max_logprobs=cfg.top_k,
-            kv_cache_gib=cfg.kv_cache_gib,
-            startup_timeout_s=cfg.startup_timeout_s,
-            extra_args=["--trust-remote-code"] if trust_remote_code else None,
-        )
-        with server:
-            logger.info("vLLM server ready at %s", server.base_url)
-            stats = generate_with_logprobs(
-                server.base_url, server.served_name, rows, cfg, out / "data", out / "logits", progress
-            )
-    logger.info("generated %d rows, %d tokens at %.0f tokens/s", stats["rows"], stats["tokens"], stats["tokens_per_s"])
-    return {"data": str(out / "data"), "logits": str(out / "logits"), **stats}
+    stats = generate_data(
+        Path(teacher_dir),
+        read_jsonl(Path(prompts)),
+        cfg,
+        Path(run_dir),
+        need_logits,
+        trust_remote_code,
+        device,
+        _progress("generate", "generate"),
+        teacher_id,
+        logger.info,
+    )
+    logger.info(
+        "generated %d rows, %d tokens at %.0f tokens/s (%d of %d shards resumed, %d server restarts)",
+        stats["rows"], stats["tokens"], stats["tokens_per_s"] or 0, stats["shards_resumed"], stats["shards"],
+        stats["server_restarts"],
+    )  # fmt: skip
+    if cfg.mode == "self_distill":
+        logger.info("self-distillation: %d of %d rewrites accepted", stats["rewrites_accepted"], stats["rows"])
+    create_table_artifact(
+        key="generate-stats",
+        table=[{"what": k, "value": json.dumps(v) if isinstance(v, dict) else v} for k, v in stats.items()],
+        description="Generate stage: rows, tokens, speed, resume, self-distillation acceptance, cache size",
+    )
+    return {"data": str(Path(run_dir) / "data"), "logits": str(Path(run_dir) / "logits"), **stats}
 
 
 @stage_task("distill")

@@ -103,6 +103,7 @@ def test_byo_qwen2_chat_data_local_tasks(tmp_path):
             f"{server.base_url}/v1/completions",
             json={"model": "student", "prompt": rows[0]["prompt"], "max_tokens": 4, "temperature": 0},
             timeout=120,
+            headers=server.headers,
         )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")

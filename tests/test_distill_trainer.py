@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from compress.config import DistillConfig, KDLoss
-from compress.data.generate import parse_choice
 from compress.data.taskworld import read_jsonl
 from compress.distill.losses import LOSSES
 from compress.distill.recipe import DistillJob, distill_student
 from compress.distill.trainer import shared_vocab
+from compress.generate.cache import LogitCache
+from compress.generate.teacher import parse_choice
 from compress.lineage import read_json, write_json
 from compress.models import load_model, load_tokenizer, save_checkpoint
 from compress.serving.vllm_server import VLLMServer
@@ -109,7 +110,7 @@ def test_sampled_cache_estimates_the_dense_kl(tmp_path, student):
     vocab = load_model(TEACHER).config.vocab_size
     dense = make_distill_data(tmp_path / "dense", n=16, k=vocab)
     sampled = make_distill_data(tmp_path / "sampled", n=16, draws=4000)
-    assert (sampled / "logits" / "counts.npy").is_file()
+    assert LogitCache(sampled / "logits").kind == "sampled"
     cfg = _cfg(loss="forward_kl", train={"max_steps": 3, "batch_size": 8})
     logs = {}
     for name, d in (("dense", dense), ("sampled", sampled)):
@@ -263,7 +264,7 @@ def test_lora_student_is_a_plain_checkpoint_that_vllm_serves(data, student, tmp_
                 "model": server.served_name, "prompt": tok(p, add_special_tokens=False)["input_ids"], "max_tokens": 6,
                 "temperature": 0.0, "ignore_eos": True, "logprobs": 1, "return_tokens_as_token_ids": True,
             }  # fmt: skip
-            r = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+            r = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60, headers=server.headers)
             r.raise_for_status()
-            got = parse_choice(r.json()["choices"][0], 1)[1]
+            got = parse_choice(r.json()["choices"][0], 1).ids
             assert got[: len(w)] == w

@@ -57,7 +57,7 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
         "student/config.json",
         "sft/config.json",
         "data/train.jsonl",
-        "logits/ids.npy",
+        "logits/cache.json",
         "eval/results.json",
         "report.md",
         "plots/scores.png",

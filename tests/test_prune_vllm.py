@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from compress.config import PruneConfig, TaskWorldConfig
-from compress.data.generate import parse_choice
 from compress.data.taskworld import make_splits
+from compress.generate.teacher import parse_choice
 from compress.models import load_model, load_tokenizer
 from compress.prune.prune import prune_model
 from compress.serving.vllm_server import VLLMServer
@@ -63,9 +63,10 @@ def test_vllm_serves_a_depth_and_width_pruned_checkpoint(tmp_path):
                     "skip_special_tokens": False,
                 },
                 timeout=60,
+                headers=server.headers,
             )
             r.raise_for_status()
-            got.append(parse_choice(r.json()["choices"][0], 1)[1])
+            got.append(parse_choice(r.json()["choices"][0], 1).ids)
     # transformers stops at EOS; vLLM was told to go on: compare up to transformers' length.
     for p, g, w in zip(prompts, got, want, strict=True):
         assert g[: len(w)] == w, (p, tok.decode(g), tok.decode(w))

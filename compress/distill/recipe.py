@@ -64,7 +64,7 @@ def run_job(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]
     examples = load_cached_examples(job.data_dir, job.logits_dir, tokenizer, with_teacher=kd and not online)
     if not examples:
         raise ValueError(f"{job.data_dir}/train.jsonl has no usable rows (every completion is empty)")
-    k = (read_json(Path(job.logits_dir) / "meta.json") or {}).get("k") if job.logits_dir else None
+    k = examples.k
     device = job.device
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"

@@ -11,9 +11,11 @@ the pipeline process itself is terminated.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -59,6 +61,9 @@ class VLLMServer:
         port: int | None = None,
         startup_timeout_s: float = 600.0,
         extra_args: list[str] | None = None,
+        api_key: str | None = None,
+        threads: int | None = None,
+        enforce_eager: bool = True,
     ):
         self.model_dir = Path(model_dir).resolve()
         self.python = Path(python)
@@ -74,10 +79,14 @@ class VLLMServer:
             "--dtype", dtype,
             "--max-model-len", str(max_model_len),
             "--max-logprobs", str(max_logprobs),
-            "--enforce-eager",
+            *(["--enforce-eager"] if enforce_eager else []),
             *(extra_args or []),
         ]  # fmt: skip
         self.kv_cache_gib = kv_cache_gib
+        # A fresh random key per server: another local user cannot use (or poison) our teacher.
+        self.api_key = api_key or secrets.token_urlsafe(24)
+        self.threads = threads
+        self.restarts = 0
         self.proc: subprocess.Popen | None = None
         self._prev_sigterm = None
 
@@ -85,10 +94,28 @@ class VLLMServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The authorization header every ``/v1`` request to this server needs."""
+        return {"Authorization": f"Bearer {self.api_key}"}
+
     def command(self) -> list[str]:
         """The full server command line."""
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *self.args,
                 "--host", self.host, "--port", str(self.port)]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        """The server's environment: the key (never on the command line, where ps shows it) and CPU settings."""
+        env = os.environ | {
+            "VLLM_API_KEY": self.api_key,
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
 
     def start(self) -> VLLMServer:
         """Start the server process and wait until ``/health`` answers 200."""
@@ -97,16 +124,10 @@ class VLLMServer:
                 f"generate.vllm_python: '{self.python}' not found (create the vLLM venv with `make .venv-vllm`)"
             )
         self.port = self.port or free_port(self.host)
-        env = os.environ | {
-            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
         )
         log.close()
         atexit.register(self.stop)
@@ -150,6 +171,18 @@ class VLLMServer:
         atexit.unregister(self.stop)
         stop_group(proc, grace_s)
 
+    def alive(self) -> bool:
+        """True while the server process runs (it may still be starting)."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self) -> None:
+        """Stop what is left of the server and start it again, on the same port and key."""
+        self.stop(grace_s=5.0)
+        self.restarts += 1
+        with self.log_path.open("a") as f:
+            f.write(f"\n--- distillflow: server died; restart {self.restarts} ---\n")
+        self.start()
+
     def _on_sigterm(self, signum, frame) -> None:
         prev = self._prev_sigterm
         self.stop()
@@ -164,6 +197,38 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Supervisor:
+    """Restarts a served teacher that died, for ``HTTPTeacher(on_error=...)``.
+
+    Requests that fail while the server is down call ``on_error``; the first caller finds the
+    process gone and restarts it (in a thread, under a lock, so concurrent requests wait for the one
+    restart), the others then find it healthy. At most ``max_restarts`` times per stage run.
+    """
+
+    def __init__(self, server: VLLMServer, max_restarts: int = 3):
+        self.server = server
+        self.max_restarts = max_restarts
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+
+    async def on_error(self, exc: BaseException) -> None:
+        """Called after a failed request, before it is retried."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a lock belongs to one event loop
+            self._loop, self._lock = loop, asyncio.Lock()
+        async with self._lock:
+            if self.server.alive() and await asyncio.to_thread(self.server.healthy):
+                return
+            if self.server.alive():
+                return  # still starting or busy: let the request's backoff wait
+            if self.server.restarts >= self.max_restarts:
+                raise ServerError(
+                    f"vLLM server died {self.server.restarts + 1} times; log {self.server.log_path}:\n"
+                    + _tail(self.server.log_path)
+                )
+            await asyncio.to_thread(self.server.restart)
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
