@@ -30,7 +30,7 @@ TEACHER = ROOT / "assets" / "teacher-tiny"
 
 
 class Bf16Tolerance:
-    """"Within bf16 tolerance", measured rather than guessed: the served (bf16) log-probs may differ from
+    """ "Within bf16 tolerance", measured rather than guessed: the served (bf16) log-probs may differ from
     transformers' float32 ones by at most twice what transformers' own bf16 run differs by at the same
     entries, plus 0.02 (float16 storage in the cache)."""
 
