@@ -105,12 +105,14 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
     stages = compress_pipeline(changed).summary["stages"]
     assert not stages["prune"]["cached"] and (run / "pruned" / "config.json").exists()
 
-    # The online teacher is a KD-only setting: the KD student re-runs, the SFT baseline stays a hit,
-    # and plan predicts it.
+    # With the online teacher no student reads the logit cache, so generate runs again without
+    # log-probs (about twice as fast) and both students train on its output; plan predicts it.
     online = changed.model_copy(deep=True)
     online.distill.teacher_source = "online"
     status = dict(cache_status(online, preflight(online, full=False)))
-    assert status["distill_sft"] == "cache hit" and status["distill_student"] == "will run"
+    assert status["prune"] == "cache hit"
+    assert status["generate"] == status["distill_sft"] == status["distill_student"] == "will run"
     stages = compress_pipeline(online).summary["stages"]
-    assert stages["distill_sft"]["cached"] and not stages["distill_student"]["cached"]
-    assert dict(cache_status(online, preflight(online, full=False)))["distill_student"] == "cache hit"
+    assert not stages["generate"]["cached"] and not stages["distill_student"]["cached"]
+    assert not (run / "logits" / "cache.json").exists()
+    assert set(dict(cache_status(online, preflight(online, full=False))).values()) == {"cache hit"}
