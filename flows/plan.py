@@ -67,6 +67,7 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     if "num_hidden_layers" not in tc:
         raise ConfigError(f"teacher.path: '{cfg.teacher.path}' config.json has no num_hidden_layers (not a decoder)")
     student = check_prune(cfg, teacher)
+    check_generate(cfg)
     needs_template = cfg.evaluate.apply_chat_template or any(
         getattr(s, "messages_field", None) for s in [*cfg.effective_data().sources, cfg.prune.calibration_source]
     )
@@ -84,6 +85,22 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
         teacher = resolve_model(cfg.teacher, download=True)
     layout = checkpoint_layout(teacher.path, model_config)
     return Preflight(teacher, model_config, layout, student, data, tasks, warnings)
+
+
+def check_generate(cfg: PipelineConfig) -> None:
+    """The generate stage's outside needs: the endpoint's key variable, or the vLLM virtualenv."""
+    from compress.generate.launch import endpoint_key
+
+    gen = cfg.generate
+    try:
+        endpoint_key(gen)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if gen.backend == "vllm" and gen.endpoint is None and not Path(gen.vllm_python).is_file():
+        raise ConfigError(
+            f"generate.vllm_python: '{gen.vllm_python}' not found (create the vLLM venv with `make .venv-vllm`, "
+            "or set generate.backend: hf)"
+        )
 
 
 def check_prune(cfg: PipelineConfig, teacher: ResolvedModel) -> dict[str, Any]:

@@ -126,3 +126,20 @@ def test_unreachable_hub_teacher(tmp_path, world):
     cfg["teacher"]["path"] = "distillflow-test/no-such-model"
     proc = _run(tmp_path, cfg)
     _assert_one_line(proc, tmp_path, "teacher.path", "'distillflow-test/no-such-model'", "hub is unreachable")
+
+
+def test_endpoint_key_variable_not_set(tmp_path, world):
+    _root, paths = world
+    cfg = pipeline_config(tmp_path, paths, VLLM_PYTHON)
+    cfg["generate"]["endpoint"] = {"url": "http://gpu-node:8000", "model": "teacher", "api_key_env": "NO_SUCH_KEY_VAR"}
+    proc = _run(tmp_path, cfg)
+    _assert_one_line(proc, tmp_path, "generate.endpoint.api_key_env", "$NO_SUCH_KEY_VAR is not set")
+
+
+def test_self_distill_without_a_template_field(tmp_path, world):
+    _root, paths = world
+    cfg = pipeline_config(tmp_path, paths, VLLM_PYTHON)
+    cfg["generate"]["mode"] = "self_distill"
+    cfg["generate"]["self_distill"] = {"template": "Rewrite: {instruction}"}
+    proc = _run(tmp_path, cfg)
+    _assert_one_line(proc, tmp_path, "generate.self_distill.template", "{answer}")

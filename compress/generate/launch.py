@@ -42,7 +42,7 @@ def open_teacher(
 ) -> Iterator[Teacher]:
     """The teacher for ``cfg``: an endpoint, our own supervised vLLM server, or transformers."""
     if cfg.backend == "hf":
-        dtype = "float32" if cfg.dtype == "auto" or device == "cpu" else cfg.dtype
+        dtype = "float32" if cfg.dtype == "auto" else cfg.dtype  # the same compute dtype as a served teacher
         log(f"teacher in process with transformers ({device}, {dtype})")
         yield HFTeacher(teacher_dir, device, dtype, trust_remote_code)
         return
