@@ -278,3 +278,12 @@ def test_sampled_cache_counts_and_unbiased_forward_kl(tmp_path, hf_teacher, tok)
     assert (mean - dense).abs().max() <= 4 * spread.max() + 1e-3, (mean, dense)
     # One draw alone is not the dense value: the average is what converges.
     assert (torch.stack(estimates)[:, 0] - dense[0]).abs().max() > 10 * (mean[0] - dense[0]).abs()
+
+
+def test_hf_cut_keeps_the_stop_string_or_eos_and_nothing_after(hf_teacher, tok):
+    ids = tok("abc\ndef", add_special_tokens=False)["input_ids"]
+    newline_at = ids.index(tok("\n", add_special_tokens=False)["input_ids"][-1])
+    assert hf_teacher._cut([*ids, 0, 0], ["\n"]) == ids[: newline_at + 1]
+    eos = tok.eos_token_id
+    assert hf_teacher._cut([*ids[:2], eos, 0, 0], ["\n"]) == [*ids[:2], eos]
+    assert hf_teacher._cut(ids[:2], ["\n"]) == ids[:2]

@@ -287,12 +287,19 @@ class HFTeacher:
     def _cut(self, new: list[int], stop: list[str]) -> list[int]:
         """The generated ids up to and including the first stop string or EOS (as vLLM returns them)."""
         eos = self.tokenizer.eos_token_id
-        for n in range(1, len(new) + 1):
-            if new[n - 1] == eos:
-                return new[:n]
-            if stop and any(s in self.tokenizer.decode(new[:n]) for s in stop):
-                return new[:n]
-        return new
+        if eos in new:
+            new = new[: new.index(eos) + 1]
+        if not stop or not any(s in self.tokenizer.decode(new) for s in stop):
+            return new
+        # "The first n tokens hold a stop string" only turns true once: bisect for the shortest such n.
+        lo, hi = 1, len(new)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in self.tokenizer.decode(new[:mid]) for s in stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        return new[:lo]
 
     def _complete(self, prompts: list[list[int]], sampling: Sampling, k: int) -> list[Completion]:
         import torch
