@@ -367,7 +367,9 @@ class GenerateConfig(StrictModel):
         default=["\n"], description="Stop strings (kept in the output); [] = stop at the model's EOS only."
     )
     temperature: float = Field(default=0.0, ge=0)
-    seed: int = Field(default=0, description="Seed of sampled completions and of logits: sampled.")
+    seed: int = Field(
+        default=0, description="Seed of sampled completions and of logits: sampled (transformers; vLLM is not seeded)."
+    )
     shard_size: int = Field(default=512, ge=1, description="Rows per shard; a restarted stage resumes per shard.")
     prompts_per_request: int = Field(default=64, ge=1)
     concurrency: int = Field(default=4, ge=1)

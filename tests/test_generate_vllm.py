@@ -150,6 +150,11 @@ def test_sampled_draws_come_from_the_teacher(served, reference, tmp_path):
             at = (len(prompt) + j - 1, got["ids"][j][drawn])
             tol.add(got["logprobs"][j][drawn], logp[at].numpy(), logp16[at].numpy())
     tol.check()
+    # Each prefix draws with its own random numbers: twelve copies of a high-entropy prefix (a random
+    # letter follows "rev ") do not all draw the same id. A request-wide seed made them identical.
+    seq = [*tok("rev ", add_special_tokens=False)["input_ids"], tok("a", add_special_tokens=False)["input_ids"][0]]
+    drawn = asyncio.run(teacher(served).sample([seq] * 12, [len(seq) - 1] * 12, 1, seed=5))
+    assert len({int(ids[0, 0]) for ids, _ in drawn}) > 1
 
 
 def _kill_api_server(model_dir: Path) -> int:

@@ -254,7 +254,7 @@ class Generator:
                 scored = await self.teacher.score(seqs, starts, cfg.top_k)
                 arrays["ids"], arrays["logprobs"] = [s[0] for s in scored], [s[1] for s in scored]
             else:
-                # A seed per shard: a redone shard draws the same ids.
+                # A seed per shard: a redone shard draws the same ids (transformers; vLLM takes no seed).
                 drawn = await self.teacher.sample(seqs, starts, cfg.draws, cfg.seed * 100_003 + shard)
                 packed = [unique_counts(i, lp, self.width) for i, lp in drawn]
                 arrays["ids"] = [p[0] for p in packed]

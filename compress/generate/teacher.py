@@ -190,8 +190,8 @@ class HTTPTeacher:
             "min_p": 0.0,
             "repetition_penalty": 1.0,
         }
-        if sampling.temperature > 0:
-            body["seed"] = sampling.seed
+        # No per-request seed: vLLM gives every prompt of a request the same seed, which would draw
+        # them all with the same random numbers. Sampled completions through vLLM are not reproducible.
         if k:
             body |= {"logprobs": k, "return_tokens_as_token_ids": True}
         choices = await self._post(body)
@@ -217,13 +217,15 @@ class HTTPTeacher:
         """``draws`` ids from the teacher at every position ``start..len-1``, with log p of each.
 
         One prefix per position, ``n = draws``, one token each: vLLM's prefix cache makes the shared
-        prefixes cheap. Sampling is plain (T = 1, no top-p / top-k) so the draws follow p.
+        prefixes cheap. Sampling is plain (T = 1, no top-p / top-k) so the draws follow p. ``seed`` is
+        not sent: vLLM would give every prefix of the request the same random numbers.
         """
         prefixes = [seq[:t] for seq, start in zip(seqs, starts, strict=True) for t in range(start, len(seq))]
         if not prefixes:
             return [(np.zeros((0, draws), np.int64), np.zeros((0, draws), np.float32)) for _ in seqs]
+        # No seed (see complete): every prefix must draw with its own random numbers.
         body = {"prompt": prefixes, "max_tokens": 1, "n": draws, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
-                "min_p": 0.0, "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
+                "min_p": 0.0, "logprobs": 0, "return_tokens_as_token_ids": True,
                 "skip_special_tokens": False}  # fmt: skip
         choices = await self._post(body)
         if len(choices) != len(prefixes) * draws:
