@@ -339,6 +339,15 @@ class SelfDistillConfig(StrictModel):
         return self
 
 
+# Generate settings that change how the teacher is reached or paced, never what it writes: out of the
+# shards' fingerprint (a resume may change them) and out of the stage's cache key.
+GENERATE_RUNTIME_FIELDS = frozenset({
+    "vllm_python", "concurrency", "prompts_per_request", "startup_timeout_s", "request_timeout_s",
+    "endpoint",  # where the teacher is served, not what it is: the teacher's identity is keyed apart
+    "server_threads", "max_restarts", "kv_cache_gib",
+})  # fmt: skip
+
+
 class GenerateConfig(StrictModel):
     """Synthetic data from the teacher: served by vLLM (its own venv or an endpoint), or transformers."""
 

@@ -12,22 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.config import DatasetSource, EvaluateConfig, PipelineConfig, config_hash
+from compress.config import GENERATE_RUNTIME_FIELDS, DatasetSource, EvaluateConfig, PipelineConfig, config_hash
 from tasks.stage import Done, Stage
 
-# Fields that change how generation runs, not what it produces: kept out of the cache key.
-GENERATE_RUNTIME_FIELDS = {
-    "vllm_python",
-    "concurrency",
-    "prompts_per_request",
-    "startup_timeout_s",
-    "request_timeout_s",
-    "endpoint",  # where the teacher is served, not what it is: the teacher's identity is in the key
-    "shard_size",
-    "server_threads",
-    "max_restarts",
-    "kv_cache_gib",
-}
 # Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
 # when only they change.
 KD_FIELDS = {
@@ -52,7 +39,8 @@ class Context:
 
 def generate_unused(gen) -> set[str]:
     """Generate settings left out of its cache key: runtime ones, and those the chosen mode ignores."""
-    unused = set(GENERATE_RUNTIME_FIELDS)
+    # shard_size decides how the work is cut, not the merged output (it is in the shards' fingerprint).
+    unused = set(GENERATE_RUNTIME_FIELDS) | {"shard_size"}
     if gen.mode != "self_distill":
         unused.add("self_distill")
     if gen.logits != "sampled":

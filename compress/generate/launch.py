@@ -9,7 +9,6 @@ process (``generate.backend: hf``). The generate stage is the same for all three
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from compress.config import GenerateConfig
 from compress.generate.run import Generator, Progress, check_rows
 from compress.generate.teacher import HFTeacher, HTTPTeacher, Teacher
+from compress.hub import read_model_config, text_config
 from compress.serving.vllm_server import Supervisor, VLLMServer
 
 
@@ -84,8 +84,7 @@ def open_teacher(
 
 def vocab_size(model_dir: Path) -> int:
     """The model's vocabulary (rows of its output layer), from ``config.json``."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    size = text_config(read_model_config(model_dir)).get("vocab_size")
     if not size:
         raise ValueError(f"{model_dir}/config.json: no vocab_size")
     return int(size)

@@ -42,15 +42,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from compress.config import GenerateConfig, SelfDistillConfig
+from compress.config import GENERATE_RUNTIME_FIELDS, GenerateConfig, SelfDistillConfig
 from compress.data.taskworld import read_jsonl, write_jsonl
 from compress.generate.cache import CacheWriter
 from compress.generate.teacher import Sampling, Teacher
 
 Progress = Callable[[float, str], None]
-# Settings that do not change what a shard holds: a resume may change them.
-RUNTIME_FIELDS = {"vllm_python", "concurrency", "prompts_per_request", "startup_timeout_s", "request_timeout_s",
-                  "endpoint", "server_threads", "max_restarts", "kv_cache_gib"}  # fmt: skip
 
 
 class DataRowError(ValueError):
@@ -141,7 +138,9 @@ def check_rows(rows: list[dict[str, Any]], cfg: GenerateConfig) -> None:
 def fingerprint(rows: list[dict[str, Any]], cfg: GenerateConfig, teacher: str, need_logits: bool) -> str:
     """What decides the shards' content: rows, settings, teacher and whether logits are kept."""
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS), teacher, need_logits]).encode())
+    h.update(
+        json.dumps([cfg.model_dump(mode="json", exclude=set(GENERATE_RUNTIME_FIELDS)), teacher, need_logits]).encode()
+    )
     for row in rows:
         h.update(json.dumps([row.get("id"), row.get("prompt"), row.get("prompt_ids"), row.get("answer")]).encode())
     return h.hexdigest()[:16]

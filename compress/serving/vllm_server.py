@@ -219,10 +219,8 @@ class Supervisor:
         if self._loop is not loop:  # a lock belongs to one event loop
             self._loop, self._lock = loop, asyncio.Lock()
         async with self._lock:
-            if self.server.alive() and await asyncio.to_thread(self.server.healthy):
-                return
             if self.server.alive():
-                return  # still starting or busy: let the request's backoff wait
+                return  # up, starting or busy: the request's backoff waits, no restart
             if self.server.restarts >= self.max_restarts:
                 raise ServerError(
                     f"vLLM server died {self.server.restarts + 1} times; log {self.server.log_path}:\n"
