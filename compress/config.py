@@ -27,7 +27,10 @@ from pydantic import (
     model_validator,
 )
 
-TaskName = Literal["rev", "sort", "cnt", "max", "add", "dup", "rot"]
+TaskName = Literal[
+    "rev", "sort", "cnt", "max", "add", "dup", "rot", "addc", "mul", "count", "sortl", "revrot", "lookup", "lang"
+]
+HardTaskName = Literal["addc", "mul", "count", "sortl", "revrot", "lookup"]
 # A hub model or dataset id: "name" or "owner/name".
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Names of the built-in task world's held-out split in evaluate.tasks.
@@ -56,6 +59,27 @@ def _existing_checkpoint(path: Path) -> Path:
     return path
 
 
+class LanguageConfig(StrictModel):
+    """The ``lang`` family: a seeded probabilistic automaton (``compress.data.language``)."""
+
+    seed: int = Field(default=0, description="Seed of the automaton (not of the sampling).")
+    states: int = Field(default=16, ge=1, le=256)
+    branching: int = Field(default=6, ge=1, le=27, description="Characters each state can emit (besides the end).")
+    alpha: float = Field(default=1.0, gt=0, description="Dirichlet concentration: smaller = peakier.")
+    end_prob: float = Field(default=0.07, gt=0, lt=1, description="Probability of ending the text in any state.")
+    max_len: int = Field(default=48, ge=2, description="Longest text (characters, end included).")
+    prefix_chars: tuple[int, int] = Field(
+        default=(1, 3), description="Training prompts carry this many first characters of a text (range)."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> LanguageConfig:
+        lo, hi = self.prefix_chars
+        if not 0 <= lo <= hi:
+            raise ValueError("prefix_chars must be [lo, hi] with 0 <= lo <= hi")
+        return self
+
+
 class TaskWorldConfig(StrictModel):
     """The built-in task world (see ``compress.data.taskworld``)."""
 
@@ -65,6 +89,30 @@ class TaskWorldConfig(StrictModel):
     n_train: int = Field(default=4000, ge=1, description="Training prompts (distillation data).")
     n_heldout: int = Field(default=250, ge=1, description="Held-out prompts used by the benchmark.")
     seed: int = Field(default=0, description="Seed of the generator; splits are a pure function of it.")
+    lengths: dict[HardTaskName, tuple[int, int]] = Field(
+        default_factory=dict, description="Difficulty of hard families: [lo, hi] digits, letters or pairs."
+    )
+    language: LanguageConfig = Field(default=LanguageConfig(), description="The lang family's language.")
+
+    @field_validator("lengths")
+    @classmethod
+    def _ranges(cls, v: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        for name, (lo, hi) in v.items():
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name}: a range is [lo, hi] with 1 <= lo <= hi")
+            if name == "lookup" and hi > 26:
+                raise ValueError("lookup: at most 26 pairs (one key per letter)")
+        return v
+
+    def hash_dump(self) -> dict[str, Any]:
+        """The fields that decide the splits, with settings left out at their default when unused, so
+        that a world defined before they existed keeps its hash."""
+        data = self.model_dump(mode="json")
+        if not self.lengths:
+            del data["lengths"]
+        if "lang" not in self.tasks:
+            del data["language"]
+        return data
 
 
 class ArchConfig(StrictModel):
@@ -111,6 +159,14 @@ class BootstrapConfig(StrictModel):
     arch: ArchConfig = ArchConfig()
     train: TrainConfig = TrainConfig(max_steps=2000, batch_size=64, learning_rate=3e-3)
     min_heldout_exact_match: float = Field(default=0.9, ge=0, le=1, description="Fail if the teacher is worse.")
+    init_from: Path | None = Field(
+        default=None, description="Continue from this checkpoint (an earlier phase) instead of random weights."
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_exists(cls, v: Path | None) -> Path | None:
+        return None if v is None else _existing_checkpoint(Path(v))
 
 
 class TeacherConfig(StrictModel):

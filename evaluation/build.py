@@ -24,7 +24,7 @@ import yaml
 from compress.config import EvaluateConfig
 from compress.gates import GateError, check_gate
 from compress.lineage import read_json, write_json
-from evaluation.harness import headline
+from evaluation.harness import LANGUAGE_FLOOR, headline, language_nll
 from evaluation.model_card import model_card
 from evaluation.plots import plot_losses, plot_score_vs_params
 from evaluation.report import build_summary, markdown_report
@@ -67,10 +67,14 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     for m in models.values():
         best = m["scores"].get(task, {}).get(metric, {})
         m["score"], m["stderr"] = best.get("value"), best.get("stderr")
+        m["nll"] = language_nll(m["scores"])
     gates = _judge(evaluate.gates, models, (task, metric))
     summary = build_summary(
         metric, models, record.get("stages") or {}, {"task": task, "metric": metric}, record.get("data"), gates
     )
+    floor = read_json(run_dir / "eval" / "tasks" / LANGUAGE_FLOOR, default=None)
+    if floor and any(m.get("nll") is not None for m in models.values()):
+        summary["language_floor"] = floor
 
     plots = [plot_score_vs_params(summary, run_dir / "plots" / "scores.png")]
     logs = {name: run_dir / "logs" / f"train-{name}.jsonl" for name in ("student", "sft")}

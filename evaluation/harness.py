@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -24,26 +25,56 @@ from typing import Any
 import yaml
 
 from compress.config import TASKWORLD_TASK, EvaluateConfig
-from compress.data.taskworld import END, write_jsonl
+from compress.data.taskworld import END, LANG, write_jsonl
+from compress.lineage import write_json
 from compress.serving.vllm_server import VLLMServer
-from evaluation.tasks import TASKWORLD_LM_EVAL
+from evaluation.tasks import LANGUAGE_LM_EVAL, LANGUAGE_TASK, TASKWORLD_LM_EVAL
 
 TASK_NAME = TASKWORLD_LM_EVAL
 METRIC = "exact_match"
+# lm-eval's rolling metric; on the language's one-byte characters it is bits per character.
+LANGUAGE_METRIC = "bits_per_byte"
+LANGUAGE_FLOOR = "language_floor.json"
 
 
-def write_task(rows: list[dict], tasks_dir: Path, max_gen_toks: int) -> Path:
-    """Write ``heldout.jsonl`` and the lm-eval task YAML into ``tasks_dir``; return the YAML path."""
+def write_task(rows: list[dict], tasks_dir: Path, max_gen_toks: int, language=None) -> Path:
+    """Write the held-out split's lm-eval tasks into ``tasks_dir``; return the directory.
+
+    Task rows go to ``heldout.jsonl`` and an exact-match generation task. ``lang`` rows (whole
+    texts) go to ``language.jsonl`` and a ``loglikelihood_rolling`` task, each text scored from
+    the BOS token with its end marker; with the ``language`` that drew them, its exact floor on
+    those very texts is written to ``language_floor.json`` (``compress.data.language.floor``).
+    """
     tasks_dir = Path(tasks_dir).resolve()
-    data = write_jsonl(rows, tasks_dir / "heldout.jsonl")
-    return _write_local_task(
-        TASK_NAME,
-        data,
-        output_type="generate_until",
-        doc_to_target="{{answer}}",
-        generation_kwargs={"until": [END], "do_sample": False, "max_gen_toks": max_gen_toks},
-        metric_list=[{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}],
-    )
+    tasks = [r for r in rows if r.get("task") != LANG]
+    texts = [r["answer"] + END for r in rows if r.get("task") == LANG]
+    for stale in (f"{TASK_NAME}.yaml", f"{LANGUAGE_LM_EVAL}.yaml", LANGUAGE_FLOOR):
+        (tasks_dir / stale).unlink(missing_ok=True)
+    data = write_jsonl(tasks, tasks_dir / "heldout.jsonl")
+    if tasks:
+        _write_local_task(
+            TASK_NAME,
+            data,
+            output_type="generate_until",
+            doc_to_target="{{answer}}",
+            generation_kwargs={"until": [END], "do_sample": False, "max_gen_toks": max_gen_toks},
+            metric_list=[{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}],
+        )
+    if texts:
+        docs = write_jsonl([{"text": t} for t in texts], tasks_dir / "language.jsonl")
+        _write_local_task(
+            LANGUAGE_LM_EVAL,
+            docs,
+            output_type="loglikelihood_rolling",
+            doc_to_text="",
+            doc_to_target="{{text}}",
+            metric_list=[{"metric": LANGUAGE_METRIC, "aggregation": LANGUAGE_METRIC, "higher_is_better": False}],
+        )
+        if language is not None:
+            from compress.data.language import floor
+
+            write_json(tasks_dir / LANGUAGE_FLOOR, floor(language, texts))
+    return tasks_dir
 
 
 def _write_local_task(name: str, data: Path, **fields: Any) -> Path:
@@ -219,7 +250,7 @@ def _run_lm_eval(
     return lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,
-        tasks=lm_eval_names(cfg),
+        tasks=lm_eval_names(cfg, taskworld_dir),
         task_manager=task_manager(cfg, taskworld_dir),
         num_fewshot=cfg.num_fewshot,
         batch_size=cfg.batch_size,
@@ -291,8 +322,15 @@ def parse_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict
 
 
 def _ours(task: str) -> str:
-    """lm-eval's task name as results show it: the task world's is ``taskworld``."""
-    return TASKWORLD_TASK if task == TASK_NAME else task
+    """lm-eval's task name as results show it: the task world's are ``taskworld`` and ``language``."""
+    return {TASK_NAME: TASKWORLD_TASK, LANGUAGE_LM_EVAL: LANGUAGE_TASK}.get(task, task)
+
+
+def language_nll(scores: dict[str, dict[str, dict[str, float | None]]]) -> float | None:
+    """Per-character NLL (nats) on the task world's language, from lm-eval's bits per byte (its
+    characters are one byte each), or None when the language was not evaluated."""
+    value = (scores.get(LANGUAGE_TASK, {}).get(LANGUAGE_METRIC) or {}).get("value")
+    return None if value is None else value * math.log(2)
 
 
 def headline(scores: dict[str, dict[str, dict[str, float | None]]], cfg: EvaluateConfig) -> tuple[str, str]:

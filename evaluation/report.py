@@ -94,6 +94,7 @@ def results_rows(summary: dict) -> list[dict[str, Any]]:
                 "params": m["params"],
                 "score_vs_teacher": None if rel_score is None else round(rel_score, 3),
                 "params_vs_teacher": None if rel_params is None else round(rel_params, 3),
+                "nll": None if m.get("nll") is None else round(m["nll"], 4),
                 "tokens_per_s": m.get("throughput"),
             }
         )
@@ -105,16 +106,29 @@ def format_table(summary: dict) -> str:
     rows = results_rows(summary)
     metric = summary["metric"]
     tps = any(r["tokens_per_s"] is not None for r in rows)
+    nll = any(r["nll"] is not None for r in rows)
     head = f"{'model':<22}{metric:>13}{'params':>12}{'score/teacher':>15}{'params/teacher':>16}"
-    head += f"{'tokens/s':>10}" if tps else ""
+    head += (f"{'NLL':>9}" if nll else "") + (f"{'tokens/s':>10}" if tps else "")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{LABELS.get(r['model'], r['model']):<22}{_num(r[metric]):>13}{r['params']:>12,}"
             f"{_fmt(r['score_vs_teacher']):>15}{_fmt(r['params_vs_teacher']):>16}"
+            + (f"{_fmt(r['nll']):>9}" if nll else "")
             + (f"{_rate(r['tokens_per_s']):>10}" if tps else "")
         )
+    floor = summary.get("language_floor")
+    if floor:
+        lines.append(floor_line(floor))
     return "\n".join(lines)
+
+
+def floor_line(floor: dict[str, float]) -> str:
+    """The language's floor in one sentence (NLL is nats per character on its held-out texts)."""
+    return (
+        f"NLL: nats per character on {floor['texts']} held-out texts of the language; the floor there is "
+        f"{floor['entropy']:.4f} (mean exact entropy), the true language scores {floor['nll']:.4f}"
+    )
 
 
 def format_stages(summary: dict) -> str:
@@ -166,18 +180,22 @@ def markdown_report(summary: dict, run_dir: Path, plots: list[str] | None = None
     head = summary.get("headline") or {}
     where = f" on `{head['task']}`" if head.get("task") else ""
     tps = any(r["tokens_per_s"] is not None for r in rows)
+    nll = any(r["nll"] is not None for r in rows)
     out = [f"# distillflow run `{Path(run_dir).name}`", "", f"Headline metric: **{metric}**{where} (lm-eval)."]
     backends = sorted({m.get("backend") or "hf" for m in summary["models"].values()})
     out += [f"Backend: {', '.join(backends)}." + (" Throughput: vLLM serving, generated tokens/s." if tps else ""), ""]
     cols = f"| model | {metric} | ± stderr | params | score / teacher | params / teacher |"
-    out.append(cols + (" tokens/s |" if tps else ""))
-    out.append("|---|---:|---:|---:|---:|---:|" + ("---:|" if tps else ""))
+    out.append(cols + (" NLL |" if nll else "") + (" tokens/s |" if tps else ""))
+    out.append("|---|---:|---:|---:|---:|---:|" + ("---:|" if nll else "") + ("---:|" if tps else ""))
     for r in rows:
         out.append(
             f"| {LABELS.get(r['model'], r['model'])} | {_num(r[metric])} | {_num(r['stderr'])} | {r['params']:,} "
             f"| {_fmt(r['score_vs_teacher'])} | {_fmt(r['params_vs_teacher'])} |"
+            + (f" {_num(r['nll'])} |" if nll else "")
             + (f" {_rate(r['tokens_per_s'])} |" if tps else "")
         )
+    if summary.get("language_floor"):
+        out += ["", floor_line(summary["language_floor"]) + "."]
     gates = summary.get("gates") or []
     if gates:
         out += ["", "## Gates", "", "| gate | result | values |", "|---|---|---|"]

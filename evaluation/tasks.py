@@ -19,11 +19,27 @@ from compress.data.sources import LOCAL_BUILDERS
 from compress.hub import offline
 
 TASKWORLD_LM_EVAL = "distillflow_taskworld"
+# The task world's language (the ``lang`` family): per-character NLL by rolling log-likelihood.
+LANGUAGE_LM_EVAL = "distillflow_language"
+LANGUAGE_TASK = "language"
 
 
-def lm_eval_names(cfg: EvaluateConfig) -> list[str]:
-    """``evaluate.tasks`` with ``taskworld`` replaced by its lm-eval task name."""
-    return [TASKWORLD_LM_EVAL if t == TASKWORLD_TASK else t for t in cfg.tasks]
+def lm_eval_names(cfg: EvaluateConfig, taskworld_dir: Path | None = None) -> list[str]:
+    """``evaluate.tasks`` with ``taskworld`` replaced by its lm-eval task names.
+
+    Without ``taskworld_dir`` that is the exact-match task; with it, the tasks actually written
+    there (the exact-match task when the world has task families, the language task when it has
+    ``lang``).
+    """
+    out: list[str] = []
+    for t in cfg.tasks:
+        if t != TASKWORLD_TASK:
+            out.append(t)
+        elif taskworld_dir is None:
+            out.append(TASKWORLD_LM_EVAL)
+        else:
+            out += [n for n in (TASKWORLD_LM_EVAL, LANGUAGE_LM_EVAL) if (Path(taskworld_dir) / f"{n}.yaml").is_file()]
+    return out
 
 
 def include_paths(cfg: EvaluateConfig, taskworld_dir: Path | None) -> list[str]:
@@ -142,7 +158,7 @@ def _check_cached(task: str, leaf: str, path: str, name: str | None) -> None:
 def eval_texts(cfg: EvaluateConfig, taskworld_dir: Path | None) -> list[str]:
     """The prompt text of every evaluation example of every task (for decontaminating training data)."""
     tm = task_manager(cfg, taskworld_dir)
-    loaded = tm.load(lm_eval_names(cfg))
+    loaded = tm.load(lm_eval_names(cfg, taskworld_dir))
     texts: list[str] = []
     for task in loaded["tasks"].values():
         for doc in task.eval_docs:

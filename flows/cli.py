@@ -175,7 +175,7 @@ def demo(set_: SetOpt = None, force: ForceOpt = None) -> None:
     boot = _load(BOOTSTRAP_CONFIG, None, BootstrapConfig)
     if not (Path(boot.out_dir) / "config.json").is_file():
         typer.echo(f"no teacher at {boot.out_dir}: training it first (distillflow bootstrap)")
-        _guard(lambda: _bootstrap(boot))
+        _guard(lambda: _bootstrap(boot, f"distillflow bootstrap --config {BOOTSTRAP_CONFIG}"))
     cfg = _load(DEMO_CONFIG, [*(set_ or []), *_force_overrides(force)])
     _guard(lambda: _run_pipeline(cfg))
 
@@ -186,17 +186,22 @@ def bootstrap(
 ) -> None:
     """Train the tiny task-world teacher (cached: an identical teacher is not retrained)."""
     cfg = _load(config, set_, BootstrapConfig)
-    _guard(lambda: _bootstrap(cfg))
+    command = " ".join(["distillflow bootstrap --config", str(config), *(f"--set {s}" for s in set_ or [])])
+    _guard(lambda: _bootstrap(cfg, command))
 
 
-def _bootstrap(cfg: BootstrapConfig) -> None:
+def _bootstrap(cfg: BootstrapConfig, command: str | None = None) -> None:
     _env_defaults()
     from flows.bootstrap import bootstrap_teacher_flow
 
-    m = bootstrap_teacher_flow(cfg)
+    m = bootstrap_teacher_flow(cfg, command)
+    em = m.get("heldout_exact_match")
+    lang = m.get("language")
     typer.echo(
-        f"teacher {cfg.out_dir}: {m['params']:,} params, held-out exact match {m['heldout_exact_match']:.3f}"
-        f"{' (cache hit)' if m.get('cached') else ''}"
+        f"teacher {cfg.out_dir}: {m['params']:,} params"
+        + ("" if em is None else f", held-out exact match {em:.3f}")
+        + ("" if not lang else f", language NLL {lang['nll']:.4f} (floor {lang['floor_entropy']:.4f}) nats/char")
+        + (" (cache hit)" if m.get("cached") else "")
     )
 
 

@@ -218,15 +218,18 @@ def teacher_identity(cfg: PipelineConfig, teacher: ResolvedModel) -> str:
 def write_eval_tasks(world: TaskWorldConfig, evaluate: EvaluateConfig, tasks_dir: Path) -> str:
     """Write the task world's held-out task (when evaluated) into ``tasks_dir``; return the eval sets' identity."""
     from compress.config import TASKWORLD_TASK
-    from compress.data.taskworld import make_splits
+    from compress.data.language import language_of
+    from compress.data.taskworld import world_splits
     from evaluation.harness import write_task
     from evaluation.tasks import lm_eval_names
 
     h = hashlib.sha256("\0".join(lm_eval_names(evaluate)).encode())
     if TASKWORLD_TASK in evaluate.tasks:
-        _, heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
-        yaml_path = write_task(heldout, tasks_dir, evaluate.max_gen_toks)
-        h.update(sha256_path(yaml_path.parent / "heldout.jsonl").encode())
+        _, heldout = world_splits(world)
+        out = write_task(heldout, tasks_dir, evaluate.max_gen_toks, language_of(world))
+        h.update(sha256_path(out / "heldout.jsonl").encode())
+        if (out / "language.jsonl").is_file():
+            h.update(sha256_path(out / "language.jsonl").encode())
     if evaluate.include_path is not None:
         h.update(sha256_path(evaluate.include_path).encode())
     return h.hexdigest()

@@ -15,10 +15,12 @@ def _write(tmp_path, text: str) -> Path:
     return p
 
 
-def test_demo_config_is_valid():
+def test_demo_and_easy_configs_are_valid():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert isinstance(cfg, PipelineConfig)
     assert cfg.run_dir == Path("runs/demo")
+    easy = load_config(ROOT / "configs" / "easy.yaml")
+    assert easy.run_dir == Path("runs/easy") and "lang" not in easy.taskworld.tasks
 
 
 def test_overrides_are_typed(tiny_model_dir, tmp_path):

@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from compress.config import EvaluateConfig, PruneConfig, TaskWorldConfig
-from compress.data.taskworld import make_splits
+from compress.data.taskworld import make_splits, world_splits
 from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,12 @@ def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path, bos):
     checkpoint = _with_bos(pruned_teacher, tmp_path / "bos") if bos else pruned_teacher
     assert tokenizer_adds_bos(checkpoint) is bos
 
-    world = TaskWorldConfig(n_heldout=120)
-    _, heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    # The easy world's tasks plus the language (a rolling log-likelihood task beside exact match).
+    world = TaskWorldConfig(tasks=[*TaskWorldConfig().tasks, "lang"], n_heldout=144)
+    _, heldout = world_splits(world)
     tasks_dir, mc_dir = tmp_path / "tasks", tmp_path / "mc"
     write_task(heldout, tasks_dir, max_gen_toks=16)
-    write_choice_task(heldout, mc_dir, "taskworld_mc")
+    write_choice_task([r for r in heldout if r["task"] != "lang"], mc_dir, "taskworld_mc")
 
     results = {}
     for backend in ("hf", "vllm"):
@@ -88,6 +89,9 @@ def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path, bos):
     # Per example: the same generations, the same choice picked.
     assert vl["samples"]["taskworld"] == hf["samples"]["taskworld"]
     assert vl["samples"]["taskworld_mc"] == hf["samples"]["taskworld_mc"]
+    # The language's per-character NLL: the same texts scored from the same prefix token.
+    nll_hf, nll_vllm = (r["scores"]["language"]["bits_per_byte"]["value"] for r in (hf, vl))
+    assert nll_vllm == pytest.approx(nll_hf, rel=1e-3)
     assert vl["throughput"]["tokens_per_s"] > 0 and vl["throughput"]["tokens"] == 64 * vl["throughput"]["max_tokens"]
     assert (hf["throughput"] is None) is bos
     assert "pruned" in (tmp_path / "logs" / "vllm-eval-pruned.log").name

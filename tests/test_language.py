@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from compress.data.language import Language
+from compress.data.language import Language, floor
 from compress.data.taskworld import END
 
 
@@ -55,7 +55,7 @@ def test_every_sample_is_possible_and_other_text_is_not(lang):
     rng = random.Random(2)
     for _ in range(200):
         t = lang.sample(rng)
-        assert t.endswith(END) or len(t) == lang.max_len
+        assert t.endswith(END) and len(t) <= lang.max_len
         assert all(math.isfinite(lp) for lp in lang.token_log_probs(t))
     impossible = next(c for c in "abcdefghijklmnopqrstuvwxyz " if c not in lang.probs[0])
     assert lang.token_log_probs(impossible)[0] == -math.inf
@@ -66,3 +66,28 @@ def test_bad_settings():
         Language.make(end_prob=0)
     with pytest.raises(ValueError, match="branching"):
         Language.make(branching=99)
+
+
+def test_the_length_cap_is_part_of_the_language():
+    """At ``max_len`` the end marker is certain: samples obey it, and the exact figures account for it."""
+    short = Language.make(seed=3, end_prob=0.01, max_len=6)
+    rng = random.Random(5)
+    texts = [short.sample(rng) for _ in range(300)]
+    assert all(t.endswith(END) and len(t) <= 6 for t in texts)
+    capped = [t for t in texts if len(t) == 6]
+    assert capped, "with end_prob 0.01 most texts reach the cap"
+    assert short.token_log_probs(capped[0])[-1] == 0.0
+    assert short.position_entropies(capped[0])[-1] == 0.0
+    assert short.token_log_probs(capped[0][:-1] + "a\n")[-1] == -math.inf  # longer than the cap: impossible
+
+
+def test_floor_is_the_mean_exact_entropy_and_the_true_nll(lang):
+    rng = random.Random(9)
+    texts = [lang.sample(rng) for _ in range(3000)]
+    f = floor(lang, texts)
+    assert f["chars"] == sum(map(len, texts)) and f["texts"] == 3000
+    # Over many samples the true model's NLL is an unbiased estimate of the mean entropy (a per-token
+    # Monte Carlo estimate, independent of the exact sums): they agree within a few standard errors.
+    per_token = np.array([-lp for t in texts for lp in lang.token_log_probs(t)])
+    se = per_token.std() / math.sqrt(len(per_token))
+    assert abs(f["nll"] - f["entropy"]) < 4 * se, (f, se)

@@ -25,7 +25,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_plan_tiny_config():
-    proc = _cli("plan", "configs/tiny.yaml", "--set", "runs_dir=/nonexistent-runs-dir")
+    proc = _cli("plan", "configs/easy.yaml", "--set", "runs_dir=/nonexistent-runs-dir")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "LlamaForCausalLM, 8 layers, hidden 128, 1,586,560 params" in out
@@ -50,7 +50,7 @@ def test_hub_id_resolves_from_the_local_cache(tmp_path, tiny_model_dir):
     _fake_hub_cache(tmp_path / "hub", "distillflow-test/tiny", commit, tiny_model_dir)
     proc = _cli(
         "plan",
-        "configs/tiny.yaml",
+        "configs/easy.yaml",
         "--set",
         "teacher.path=distillflow-test/tiny",
         "--set",
@@ -64,7 +64,7 @@ def test_hub_id_resolves_from_the_local_cache(tmp_path, tiny_model_dir):
 
 def test_unknown_hub_id_offline_is_one_line():
     proc = _cli(
-        "plan", "configs/tiny.yaml", "--set", "teacher.path=distillflow-test/absent", env={"HF_HUB_OFFLINE": "1"}
+        "plan", "configs/easy.yaml", "--set", "teacher.path=distillflow-test/absent", env={"HF_HUB_OFFLINE": "1"}
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -83,7 +83,7 @@ def test_local_path_that_does_not_exist_is_not_a_hub_id():
 def test_standard_task_without_cached_data_offline(tmp_path):
     proc = _cli(
         "plan",
-        "configs/tiny.yaml",
+        "configs/easy.yaml",
         "--set",
         "evaluate.tasks=[taskworld, arc_easy]",
         env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
@@ -95,13 +95,13 @@ def test_standard_task_without_cached_data_offline(tmp_path):
 
 
 def test_chat_template_evaluation_needs_a_template():
-    proc = _cli("plan", "configs/tiny.yaml", "--set", "evaluate.apply_chat_template=true")
+    proc = _cli("plan", "configs/easy.yaml", "--set", "evaluate.apply_chat_template=true")
     assert proc.returncode == 2
     assert "evaluate.apply_chat_template: the teacher's tokenizer has no chat template" in proc.stderr
 
 
 def test_trust_remote_code_warns(tmp_path):
-    proc = _cli("plan", "configs/tiny.yaml", "--set", "teacher.trust_remote_code=true", "--set", f"runs_dir={tmp_path}")
+    proc = _cli("plan", "configs/easy.yaml", "--set", "teacher.trust_remote_code=true", "--set", f"runs_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "warning: teacher.trust_remote_code is on" in proc.stderr
 
@@ -133,7 +133,7 @@ def test_planned_student_size_is_exact(tiny_model_dir, tmp_path, prune):
 def test_prune_targets_are_checked_before_any_stage(tiny_model_dir, tmp_path, setting, message):
     proc = _cli(
         "plan",
-        "configs/tiny.yaml",
+        "configs/easy.yaml",
         "--set",
         f"teacher.path={tiny_model_dir}",
         "--set",

@@ -19,7 +19,7 @@ def _prune(tmp_path, *settings: str) -> subprocess.CompletedProcess:
     args = ["--set", f"runs_dir={tmp_path / 'runs'}", "--set", "prune.num_layers=null", "--set", "prune.method=both"]
     for s in settings:
         args += ["--set", s]
-    cmd = [sys.executable, "-m", "flows.cli", "prune", "configs/tiny.yaml", *args]
+    cmd = [sys.executable, "-m", "flows.cli", "prune", "configs/easy.yaml", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

@@ -135,3 +135,27 @@ def test_cli_report_without_results_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}/eval/results.json: not found (has the run "
                                                  "finished its evaluate stages?)"]  # fmt: skip
+
+
+def test_language_nll_column_and_floor(run_dir):
+    """With the language evaluated, every model's NLL (nats per character, from lm-eval's bits per byte)
+    stands beside its score, and the floor of the held-out texts is stated."""
+    import math
+
+    from compress.lineage import read_json, write_json
+    from evaluation.report import format_table
+
+    results = read_json(run_dir / "eval" / "results.json")
+    for name, bpb in (("teacher", 2.0), ("pruned", 3.0), ("sft", 2.6), ("student", 2.2)):
+        results[name]["scores"]["language"] = {"bits_per_byte": {"value": bpb, "stderr": None}}
+    write_json(run_dir / "eval" / "results.json", results)
+    write_json(
+        run_dir / "eval" / "tasks" / "language_floor.json", {"entropy": 1.3, "nll": 1.31, "chars": 900, "texts": 100}
+    )
+    summary = build_report(run_dir)
+    assert summary["models"]["student"]["nll"] == pytest.approx(2.2 * math.log(2))
+    assert summary["language_floor"]["entropy"] == 1.3
+    report = (run_dir / "report.md").read_text()
+    assert "| NLL |" in report and f"{2.2 * math.log(2):.4f}" in report and "1.3000 (mean exact entropy)" in report
+    table = format_table(summary)
+    assert "NLL" in table.splitlines()[0] and "floor there is 1.3000" in table

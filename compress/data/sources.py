@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import ConfigError, DataConfig, DatasetSource, TaskWorldConfig, TaskWorldSource, first_line
-from compress.data.taskworld import END, make_splits
+from compress.data.taskworld import END, world_splits
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text"}
 JSON_LINE_SUFFIXES = {".jsonl", ".ndjson"}
@@ -271,7 +271,7 @@ def render_records(src: DatasetSource, records: list[dict[str, Any]], tokenizer,
 
 def taskworld_rows(src: TaskWorldSource, world: TaskWorldConfig, tokenizer) -> list[dict[str, Any]]:
     """The task world's training split (in its own order) as rows."""
-    train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
+    train, _ = world_splits(world)
     rows = []
     for r in train[: src.limit]:
         ids = tokenizer(r["prompt"], add_special_tokens=True)["input_ids"]

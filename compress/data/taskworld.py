@@ -14,7 +14,22 @@ Tasks:
   rot   shift each of 3-5 letters by one (z wraps to a)
 
 ``cnt`` and ``add`` are the hardest for the tiny default teacher (about 60% and 50% held-out exact
-match after 3000 steps), so the embedded default uses the other five.
+match after 3000 steps), so the easy world (``configs/easy.yaml``) uses the other five.
+
+Harder families, which need more computation per answer; each takes a length range (``lengths``:
+digits, letters or pairs, both ends included), so difficulty is a setting:
+  addc    multi-digit addition with carries, ``sum 478+95=`` -> ``573`` (digits per operand, 2-3)
+  mul     a number times a digit 2-9, ``mul 47x6=`` -> ``282`` (digits of the number, 2-3)
+  count   occurrences of a letter in a string over {a, b, c, d}, ``count b:abdbbca=`` -> ``3`` (6-10)
+  sortl   sort lowercase letters, ``ord qkfzm=`` -> ``fkmqz`` (5-7)
+  revrot  reverse, then shift each letter by one, ``rr abcd=`` -> ``edcb`` (4-6)
+  lookup  in-context lookup in a key:value list, ``get c:a3b7c1=`` -> ``1`` (3-5 pairs)
+
+and ``lang``, a language to model (``compress.data.language``): its rows are texts of a seeded
+probabilistic automaton whose next-character distributions are spread and exactly known. A ``lang``
+prompt is the BOS token (``<s>``, as lm-eval's rolling log-likelihood conditions the first
+character on it) plus the first ``prefix_chars`` characters of a text; the answer is the rest. Its
+held-out texts are scored by per-character NLL (``loglikelihood_rolling``), not by exact match.
 """
 
 from __future__ import annotations
@@ -22,13 +37,18 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
 # Every character that can appear in a prompt or an answer; the tokenizer is built from this.
 ALPHABET = LETTERS + DIGITS + " =+:\n"
 END = "\n"
+# The BOS token as text: the character tokenizer maps it to its BOS id (a special token).
+BOS = "<s>"
+LANG = "lang"
 
 
 def _rev(rng: random.Random) -> tuple[str, str]:
@@ -71,6 +91,61 @@ def _shift(s: str) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in s)
 
 
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def _addc(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
+    a, b = _number(rng, rng.randint(lo, hi)), _number(rng, rng.randint(lo, hi))
+    return f"sum {a}+{b}=", str(a + b)
+
+
+def _mul(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
+    a, d = _number(rng, rng.randint(lo, hi)), rng.randint(2, 9)
+    return f"mul {a}x{d}=", str(a * d)
+
+
+def _count(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
+    s = "".join(rng.choice("abcd") for _ in range(rng.randint(lo, hi)))
+    c = rng.choice("abcd")
+    return f"count {c}:{s}=", str(s.count(c))
+
+
+def _sortl(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+    return f"ord {s}=", "".join(sorted(s))
+
+
+def _revrot(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+    return f"rr {s}=", _shift(s[::-1])
+
+
+def _lookup(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
+    keys = rng.sample(LETTERS, rng.randint(lo, hi))
+    values = [rng.choice(DIGITS) for _ in keys]
+    i = rng.randrange(len(keys))
+    pairs = "".join(k + v for k, v in zip(keys, values, strict=True))
+    return f"get {keys[i]}:{pairs}=", values[i]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A task family with a difficulty setting: ``make(rng, lo, hi)`` and its default length range."""
+
+    make: Callable[[random.Random, int, int], tuple[str, str]]
+    lengths: tuple[int, int]
+
+
+HARD: dict[str, Family] = {
+    "addc": Family(_addc, (2, 3)),
+    "mul": Family(_mul, (2, 3)),
+    "count": Family(_count, (6, 10)),
+    "sortl": Family(_sortl, (5, 7)),
+    "revrot": Family(_revrot, (4, 6)),
+    "lookup": Family(_lookup, (3, 5)),
+}
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "rev": _rev,
     "sort": _sort,
@@ -80,6 +155,8 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "dup": _dup,
     "rot": _rot,
 }
+# Every family name make_splits accepts.
+ALL_TASKS = [*TASKS, *HARD, LANG]
 
 
 def check_answer(task: str, prompt: str, answer: str) -> bool:
@@ -87,9 +164,9 @@ def check_answer(task: str, prompt: str, answer: str) -> bool:
     body = prompt.split(" ", 1)[1].rstrip("=")
     if task == "rev":
         return answer == body[::-1]
-    if task == "sort":
+    if task in ("sort", "sortl"):
         return answer == "".join(sorted(body))
-    if task == "cnt":
+    if task in ("cnt", "count"):
         c, s = body.split(":")
         return answer == str(s.count(c))
     if task == "max":
@@ -98,26 +175,63 @@ def check_answer(task: str, prompt: str, answer: str) -> bool:
         return answer == "".join(c + c for c in body)
     if task == "rot":
         return answer == _shift(body)
-    if task == "add":
+    if task in ("add", "addc"):
         a, b = body.split("+")
         return answer == str(int(a) + int(b))
+    if task == "mul":
+        a, d = body.split("x")
+        return answer == str(int(a) * int(d))
+    if task == "revrot":
+        return answer == _shift(body[::-1])
+    if task == "lookup":
+        key, pairs = body.split(":")
+        return answer == dict(zip(pairs[::2], pairs[1::2], strict=True))[key]
     raise ValueError(f"unknown task {task!r}")
 
 
-def make_splits(tasks: Iterable[str], n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+def make_splits(
+    tasks: Iterable[str],
+    n_train: int,
+    n_heldout: int,
+    seed: int,
+    lengths: dict[str, tuple[int, int]] | None = None,
+    language: Any = None,
+    prefix_chars: tuple[int, int] = (1, 3),
+) -> tuple[list[dict], list[dict]]:
     """Draw ``n_heldout`` then ``n_train`` examples, round-robin over ``tasks``.
 
     Held-out prompts are unique and drawn first; train prompts never equal a held-out prompt but
     may repeat (small task families have few distinct prompts), as real training data does.
     Each row is ``{"id", "task", "prompt", "answer"}``. Train is a prefix-stable stream: the first
     ``n`` rows are the same for any ``n_train >= n`` with the same seed and held-out size.
+
+    ``lengths`` overrides the length range of hard families (``HARD``). ``lang`` rows need the
+    ``language`` (a ``compress.data.language.Language``); a held-out ``lang`` row is a whole text
+    (prompt ``<s>``) and no training row continues into a held-out text. Training ``lang`` prompts
+    carry the text's first ``prefix_chars`` characters (a range), so that prompts differ.
     """
     names = list(tasks)
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in ALL_TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(ALL_TASKS)}")
+    if LANG in names and language is None:
+        raise ValueError("the lang task needs a language (taskworld.language)")
+    ranges = {name: (lengths or {}).get(name, fam.lengths) for name, fam in HARD.items()}
     rng = random.Random(seed)
     heldout_prompts: set[str] = set()
+
+    def example(task: str, split: str) -> tuple[str, str, str]:
+        """(prompt, answer, key): key is what must not repeat across splits."""
+        if task == LANG:
+            text = language.sample(rng).removesuffix(END)
+            lo, hi = (0, 0) if split == "heldout" else prefix_chars
+            cut = min(rng.randint(lo, hi), max(0, len(text) - 1))
+            return BOS + text[:cut], text[cut:], f"{LANG}:{text}"
+        if task in HARD:
+            prompt, answer = HARD[task].make(rng, *ranges[task])
+        else:
+            prompt, answer = TASKS[task](rng)
+        return prompt, answer, prompt
 
     def draw(n: int, split: str, unique: bool) -> list[dict]:
         rows: list[dict] = []
@@ -127,17 +241,32 @@ def make_splits(tasks: Iterable[str], n_train: int, n_heldout: int, seed: int) -
             if attempts > 100 * n + 1000:
                 raise ValueError(f"task world too small for {n} {split} examples of {names}")
             task = names[len(rows) % len(names)]
-            prompt, answer = TASKS[task](rng)
-            if prompt in heldout_prompts:
+            prompt, answer, key = example(task, split)
+            if key in heldout_prompts:
                 continue
             if unique:
-                heldout_prompts.add(prompt)
+                heldout_prompts.add(key)
             rows.append({"id": f"{split}-{len(rows)}", "task": task, "prompt": prompt, "answer": answer})
         return rows
 
     heldout = draw(n_heldout, "heldout", unique=True)
     train = draw(n_train, "train", unique=False)
     return train, heldout
+
+
+def world_splits(world: Any) -> tuple[list[dict], list[dict]]:
+    """``make_splits`` for a ``TaskWorldConfig`` (its tasks, sizes, seed, lengths and language)."""
+    from compress.data.language import language_of
+
+    return make_splits(
+        world.tasks,
+        world.n_train,
+        world.n_heldout,
+        world.seed,
+        lengths={k: tuple(v) for k, v in (world.lengths or {}).items()},
+        language=language_of(world),
+        prefix_chars=tuple(world.language.prefix_chars),
+    )
 
 
 def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
