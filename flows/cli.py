@@ -27,6 +27,8 @@ ForceOpt = Annotated[
 ]
 DEMO_CONFIG = Path("configs/tiny.yaml")
 BOOTSTRAP_CONFIG = Path("configs/bootstrap.yaml")
+# How the demo's teacher is made when it is missing: the bootstrap configs, phase by phase.
+DEMO_BOOTSTRAP = (Path("configs/bootstrap-phase1.yaml"), BOOTSTRAP_CONFIG)
 
 
 def _env_defaults() -> None:
@@ -171,11 +173,18 @@ def plan(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], 
 
 @app.command()
 def demo(set_: SetOpt = None, force: ForceOpt = None) -> None:
-    """The embedded default: bootstrap the tiny teacher if needed, then run configs/tiny.yaml."""
-    boot = _load(BOOTSTRAP_CONFIG, None, BootstrapConfig)
-    if not (Path(boot.out_dir) / "config.json").is_file():
-        typer.echo(f"no teacher at {boot.out_dir}: training it first (distillflow bootstrap)")
-        _guard(lambda: _bootstrap(boot, f"distillflow bootstrap --config {BOOTSTRAP_CONFIG}"))
+    """The embedded default: bootstrap its teacher if it is missing, then run configs/tiny.yaml."""
+    from compress.config import load_yaml
+
+    # Read before validating: the config checks that its teacher exists, which is what is decided here.
+    teacher = Path(load_yaml(DEMO_CONFIG)["teacher"]["path"])
+    if not (teacher / "config.json").is_file():
+        # Phases in order: a later phase's init_from is an earlier phase's output, so each config
+        # is loaded (and its paths checked) only once the phases before it have run.
+        for path in DEMO_BOOTSTRAP:
+            boot = _load(path, None, BootstrapConfig)
+            typer.echo(f"no teacher at {teacher}: training {boot.out_dir} ({path})")
+            _guard(lambda b=boot, p=path: _bootstrap(b, f"distillflow bootstrap --config {p}"))
     cfg = _load(DEMO_CONFIG, [*(set_ or []), *_force_overrides(force)])
     _guard(lambda: _run_pipeline(cfg))
 
