@@ -26,7 +26,7 @@ def _prune(tmp_path, *settings: str) -> subprocess.CompletedProcess:
 
 
 def test_prune_command_caches_the_stage_and_the_importance(tmp_path):
-    run_dir = tmp_path / "runs" / "demo"
+    run_dir = tmp_path / "runs" / "easy"
     first = _prune(tmp_path, "prune.target_ratio=0.5")
     assert "parameters 1,586,560 -> 834,392 (52.6%)" in first.stdout, first.stdout
     assert "(cache hit)" not in first.stdout
