@@ -19,6 +19,7 @@ def test_demo_and_easy_configs_are_valid():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert isinstance(cfg, PipelineConfig)
     assert cfg.run_dir == Path("runs/demo")
+    assert "lang" in cfg.taskworld.tasks and cfg.teacher.path == "assets/teacher-small"
     easy = load_config(ROOT / "configs" / "easy.yaml")
     assert easy.run_dir == Path("runs/easy") and "lang" not in easy.taskworld.tasks
 
