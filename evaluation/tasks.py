@@ -66,14 +66,18 @@ def user_task_names(cfg: EvaluateConfig) -> list[str]:
     return [t for t in cfg.tasks if t != TASKWORLD_TASK]
 
 
-def check_tasks(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+def check_tasks(cfg: EvaluateConfig, world_tasks: list[str] | None = None) -> list[dict[str, Any]]:
     """Check every task name and that its data can be reached; return one description per leaf task.
 
-    Raises ``ConfigError`` naming the first task that is unknown or whose data is out of reach.
+    ``world_tasks``: the task world's families, when known; with ``lang`` among them the language's
+    NLL task is listed too. Raises ``ConfigError`` naming the first task that is unknown or whose
+    data is out of reach.
     """
     out: list[dict[str, Any]] = []
     if TASKWORLD_TASK in cfg.tasks:
         out.append({"task": TASKWORLD_TASK, "lm_eval": TASKWORLD_LM_EVAL, "data": "built-in held-out split"})
+        if "lang" in (world_tasks or []):
+            out.append({"task": LANGUAGE_TASK, "lm_eval": LANGUAGE_LM_EVAL, "data": "built-in held-out texts (NLL)"})
     names = user_task_names(cfg)
     if not names:
         return out

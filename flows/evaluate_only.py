@@ -28,7 +28,7 @@ from tasks.stage import StageRunner
 def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> PipelineResult:
     """Evaluate every model of ``config`` on every task of ``config.evaluate``."""
     cfg = EvaluateOnlyConfig.model_validate(config.model_dump())
-    check_evaluation(cfg.evaluate, [m.name for m in cfg.models], check_tasks(cfg.evaluate))
+    check_evaluation(cfg.evaluate, [m.name for m in cfg.models], check_tasks(cfg.evaluate, list(cfg.taskworld.tasks)))
     for m in cfg.models:
         if not (Path(m.path) / "config.json").is_file():
             raise FileNotFoundError(f"models[{m.name}].path: no checkpoint at '{m.path}'")

@@ -78,7 +78,7 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     else:
         tokenizer = None
     data = check_data(cfg, tokenizer, full)
-    tasks = check_tasks(cfg.evaluate)
+    tasks = check_tasks(cfg.evaluate, list(cfg.taskworld.tasks))
     _check_headline(cfg, tasks)
     check_evaluation(cfg.evaluate, pipeline_models(cfg), tasks)
     if full and teacher.hub_id:

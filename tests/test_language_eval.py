@@ -50,3 +50,14 @@ def test_lm_eval_rolling_nll_is_the_per_character_nll(tmp_path):
     direct = text_nll(load_model(TEACHER), load_tokenizer(TEACHER), [t.removesuffix(END) + END for t in texts])
     assert nll == pytest.approx(direct, rel=1e-4)
     assert "exact_match" in res["scores"]["taskworld"]
+
+
+def test_plan_lists_the_language_and_gates_may_name_it():
+    from evaluation.tasks import check_tasks
+    from flows.plan import check_evaluation
+
+    cfg = EvaluateConfig(gates=["student.language.bits_per_byte <= 1.5 * teacher.language.bits_per_byte"])
+    tasks = check_tasks(cfg, ["rev", "lang"])
+    assert [t["lm_eval"] for t in tasks] == ["distillflow_taskworld", "distillflow_language"]
+    check_evaluation(cfg, ["teacher", "student"], tasks)  # no error: the language is an evaluated task
+    assert [t["lm_eval"] for t in check_tasks(cfg, ["rev"])] == ["distillflow_taskworld"]
