@@ -20,7 +20,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -30,6 +30,9 @@ from compress.lineage import write_json
 from compress.serving.vllm_server import VLLMServer
 from evaluation.tasks import LANGUAGE_LM_EVAL, LANGUAGE_TASK, TASKWORLD_LM_EVAL
 
+if TYPE_CHECKING:
+    from compress.data.language import Language
+
 TASK_NAME = TASKWORLD_LM_EVAL
 METRIC = "exact_match"
 # lm-eval's rolling metric; on the language's one-byte characters it is bits per character.
@@ -37,7 +40,7 @@ LANGUAGE_METRIC = "bits_per_byte"
 LANGUAGE_FLOOR = "language_floor.json"
 
 
-def write_task(rows: list[dict], tasks_dir: Path, max_gen_toks: int, language=None) -> Path:
+def write_task(rows: list[dict], tasks_dir: Path, max_gen_toks: int, language: Language | None = None) -> Path:
     """Write the held-out split's lm-eval tasks into ``tasks_dir``; return the directory.
 
     Task rows go to ``heldout.jsonl`` and an exact-match generation task. ``lang`` rows (whole
