@@ -16,6 +16,7 @@ from typing import Any
 
 from compress.config import TASKWORLD_TASK, ConfigError, EvaluateConfig
 from compress.data.sources import LOCAL_BUILDERS
+from compress.data.taskworld import LANG
 from compress.hub import offline
 
 TASKWORLD_LM_EVAL = "distillflow_taskworld"
@@ -76,7 +77,7 @@ def check_tasks(cfg: EvaluateConfig, world_tasks: list[str] | None = None) -> li
     out: list[dict[str, Any]] = []
     if TASKWORLD_TASK in cfg.tasks:
         out.append({"task": TASKWORLD_TASK, "lm_eval": TASKWORLD_LM_EVAL, "data": "built-in held-out split"})
-        if "lang" in (world_tasks or []):
+        if LANG in (world_tasks or []):
             out.append({"task": LANGUAGE_TASK, "lm_eval": LANGUAGE_LM_EVAL, "data": "built-in held-out texts (NLL)"})
     names = user_task_names(cfg)
     if not names:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.data.taskworld import END, LETTERS
+from compress.data.taskworld import END, LANG, LETTERS
 
 CHARS = LETTERS + " "
 
@@ -127,7 +127,7 @@ class Language:
 
 def language_of(world: Any) -> Language | None:
     """The language of a ``TaskWorldConfig`` whose tasks include ``lang``, else None."""
-    if "lang" not in world.tasks:
+    if LANG not in world.tasks:
         return None
     c = world.language
     return Language.make(c.seed, c.states, c.branching, c.alpha, c.end_prob, c.max_len)
