@@ -93,6 +93,26 @@ class TaskWorldConfig(StrictModel):
         default_factory=dict, description="Difficulty of hard families: [lo, hi] digits, letters or pairs."
     )
     language: LanguageConfig = Field(default=LanguageConfig(), description="The lang family's language.")
+    mix: dict[TaskName, int] = Field(
+        default_factory=dict,
+        description="Relative share of families in the training stream (1 each unless set; the held-out "
+        "split stays balanced): more rows for the families a model learns slowest.",
+    )
+
+    @field_validator("mix")
+    @classmethod
+    def _weights(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: w for k, w in v.items() if w < 1}
+        if bad:
+            raise ValueError(f"weights are whole numbers >= 1: {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _mix_names_tasks(self) -> TaskWorldConfig:
+        stray = sorted(set(self.mix) - set(self.tasks))
+        if stray:
+            raise ValueError(f"mix names {stray}, which are not among the tasks")
+        return self
 
     @field_validator("lengths")
     @classmethod
@@ -108,8 +128,9 @@ class TaskWorldConfig(StrictModel):
         """The fields that decide the splits, with settings left out at their default when unused, so
         that a world defined before they existed keeps its hash."""
         data = self.model_dump(mode="json")
-        if not self.lengths:
-            del data["lengths"]
+        for name in ("lengths", "mix"):
+            if not data[name]:
+                del data[name]
         if "lang" not in self.tasks:
             del data["language"]
         return data

@@ -24,6 +24,23 @@ def test_demo_and_easy_configs_are_valid():
     assert easy.run_dir == Path("runs/easy") and "lang" not in easy.taskworld.tasks
 
 
+@pytest.mark.parametrize(("demo", "boot"), [("tiny.yaml", "bootstrap.yaml"), ("easy.yaml", "bootstrap-easy.yaml")])
+def test_each_world_benchmarks_on_its_teachers_heldout_split(demo, boot):
+    """A demo config and the bootstrap of its teacher draw the same held-out split, so no benchmark
+    prompt was in the teacher's training data (the teacher's manifest scores that very split)."""
+    from compress.config import BootstrapConfig, load_yaml, validate
+    from compress.data.taskworld import world_splits
+
+    cfg = load_config(ROOT / "configs" / demo)
+    teacher = validate(BootstrapConfig, load_yaml(ROOT / "configs" / boot), boot)
+    assert Path(cfg.teacher.path) == teacher.out_dir
+    small = {"n_train": 1}
+    assert (
+        world_splits(cfg.taskworld.model_copy(update=small))[1]
+        == world_splits(teacher.taskworld.model_copy(update=small))[1]
+    )
+
+
 def test_overrides_are_typed(tiny_model_dir, tmp_path):
     p = _write(tmp_path, f"teacher: {{path: {tiny_model_dir}}}\n")
     cfg = load_config(p, ["prune.num_layers=2", "distill.kd_weight=0.25", "taskworld.tasks=[rev, add]"])

@@ -4,16 +4,18 @@ the held-out split kept out of training."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
 import string
+from collections import Counter
 
 import pytest
 
 from compress.config import ConfigError, TaskWorldConfig, validate
 from compress.data.language import Language, language_of
-from compress.data.taskworld import BOS, END, HARD, LANG, check_answer, make_splits, world_splits
+from compress.data.taskworld import BOS, END, HARD, LANG, check_answer, make_splits, mix_schedule, world_splits
 
 HARD_WORLD = [*HARD, LANG]
 
@@ -47,8 +49,9 @@ def _reverse_then_shift(s: str) -> str:
 
 
 INDEPENDENT = {
-    "addc": (r"sum (\d+)\+(\d+)=", lambda a, b: _digits_add(a, b)),
-    "mul": (r"mul (\d+)x([2-9])=", lambda a, d: _times_by_adding(a, d)),
+    # Arithmetic answers are written least-significant digit first.
+    "addc": (r"sum (\d+)\+(\d+)=", lambda a, b: _digits_add(a, b)[::-1]),
+    "mul": (r"mul (\d+)x([2-9])=", lambda a, d: _times_by_adding(a, d)[::-1]),
     "count": (r"count ([abcd]):([abcd]+)=", lambda c, s: str(sum(1 for x in s if x == c))),
     "sortl": (r"ord ([a-z]+)=", _counting_sort),
     "revrot": (r"rr ([a-z]+)=", _reverse_then_shift),
@@ -82,8 +85,10 @@ def test_every_hard_answer_is_right_by_an_independent_function(world):
 
 
 def test_wrong_answers_are_rejected():
-    assert not check_answer("addc", "sum 478+95=", "563")  # a dropped carry
-    assert not check_answer("mul", "mul 47x6=", "242")
+    assert check_answer("addc", "sum 478+95=", "375") and check_answer("mul", "mul 48x6=", "882")
+    assert not check_answer("addc", "sum 478+95=", "365")  # a dropped carry
+    assert not check_answer("addc", "sum 478+95=", "573")  # most-significant digit first
+    assert not check_answer("mul", "mul 48x6=", "842")
     assert not check_answer("lookup", "get c:a3b7c1=", "3")
     assert not check_answer("revrot", "rr abcd=", "bcde")  # shifted, not reversed
 
@@ -167,3 +172,28 @@ def test_heldout_does_not_depend_on_training_prompt_settings():
     a = TaskWorldConfig(tasks=["addc", "lang"], n_train=50, n_heldout=30, language={"prefix_chars": [0, 0]})
     b = TaskWorldConfig(tasks=["addc", "lang"], n_train=80, n_heldout=30, language={"prefix_chars": [1, 3]})
     assert world_splits(a)[1] == world_splits(b)[1]
+
+
+def test_mix_weighs_the_training_stream_and_leaves_heldout_balanced():
+    names = ["addc", "count", "lookup"]
+    assert mix_schedule(names) == names  # equal weights: plain round-robin, as before mix existed
+    period = mix_schedule(names, {"count": 3, "lookup": 2})
+    assert Counter(period) == {"addc": 1, "count": 3, "lookup": 2}
+    assert all(a != b for a, b in itertools.pairwise(period))  # spread out, not in runs
+    _, base_held = make_splits(names, 600, 60, seed=3)
+    train, held = make_splits(names, 600, 60, seed=3, mix={"count": 3, "lookup": 2})
+    assert held == base_held
+    assert Counter(r["task"] for r in train) == {"addc": 100, "count": 300, "lookup": 200}
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in train}
+    cfg = TaskWorldConfig(tasks=names, n_train=60, n_heldout=6, mix={"count": 4})
+    assert Counter(r["task"] for r in world_splits(cfg)[0])["count"] == 40
+    assert "mix" not in TaskWorldConfig(tasks=names).hash_dump()  # unset: old worlds keep their hash
+
+
+def test_bad_mix_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="mix"):
+        validate(TaskWorldConfig, {"tasks": ["addc"], "mix": {"count": 2}}, "x.yaml")
+    with pytest.raises(ConfigError, match="mix"):
+        validate(TaskWorldConfig, {"tasks": ["addc"], "mix": {"addc": 0}}, "x.yaml")
+    with pytest.raises(ValueError, match="mix"):
+        make_splits(["addc"], 5, 5, seed=0, mix={"lookup": 2})

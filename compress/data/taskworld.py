@@ -18,8 +18,10 @@ match after 3000 steps), so the easy world (``configs/easy.yaml``) uses the othe
 
 Harder families, which need more computation per answer; each takes a length range (``lengths``:
 digits, letters or pairs, both ends included), so difficulty is a setting:
-  addc    multi-digit addition with carries, ``sum 478+95=`` -> ``573`` (digits per operand, 2-3)
-  mul     a number times a digit 2-9, ``mul 47x6=`` -> ``282`` (digits of the number, 2-3)
+  addc    multi-digit addition with carries, ``sum 478+95=`` -> ``375`` (573 written least-significant
+          digit first; digits per operand, 2-3)
+  mul     a number times a digit 2-9, ``mul 48x6=`` -> ``882`` (288, least-significant digit first;
+          digits of the number, 2-3)
   count   occurrences of a letter in a string over {a, b, c, d}, ``count b:abdbbca=`` -> ``3`` (6-10)
   sortl   sort lowercase letters, ``ord qkfzm=`` -> ``fkmqz`` (5-7)
   revrot  reverse, then shift each letter by one, ``rr abcd=`` -> ``edcb`` (4-6)
@@ -30,6 +32,11 @@ probabilistic automaton whose next-character distributions are spread and exactl
 prompt is the BOS token (``<s>``, as lm-eval's rolling log-likelihood conditions the first
 character on it) plus the first ``prefix_chars`` characters of a text; the answer is the rest. Its
 held-out texts are scored by per-character NLL (``loglikelihood_rolling``), not by exact match.
+
+The arithmetic answers come least-significant digit first, so that each digit a left-to-right model
+writes depends on digits it has already written (the carry), not on all the digits to come: small
+transformers learn addition from far fewer examples in that order (Lee et al. 2023, "Teaching
+Arithmetic to Small Transformers"; see docs/world.md).
 """
 
 from __future__ import annotations
@@ -95,14 +102,19 @@ def _number(rng: random.Random, digits: int) -> int:
     return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
 
 
+def _lsd_first(n: int) -> str:
+    """``n`` written least-significant digit first (573 -> "375")."""
+    return str(n)[::-1]
+
+
 def _addc(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
     a, b = _number(rng, rng.randint(lo, hi)), _number(rng, rng.randint(lo, hi))
-    return f"sum {a}+{b}=", str(a + b)
+    return f"sum {a}+{b}=", _lsd_first(a + b)
 
 
 def _mul(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
     a, d = _number(rng, rng.randint(lo, hi)), rng.randint(2, 9)
-    return f"mul {a}x{d}=", str(a * d)
+    return f"mul {a}x{d}=", _lsd_first(a * d)
 
 
 def _count(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
@@ -175,18 +187,35 @@ def check_answer(task: str, prompt: str, answer: str) -> bool:
         return answer == "".join(c + c for c in body)
     if task == "rot":
         return answer == _shift(body)
-    if task in ("add", "addc"):
+    if task == "add":
         a, b = body.split("+")
         return answer == str(int(a) + int(b))
+    if task == "addc":
+        a, b = body.split("+")
+        return answer == _lsd_first(int(a) + int(b))
     if task == "mul":
         a, d = body.split("x")
-        return answer == str(int(a) * int(d))
+        return answer == _lsd_first(int(a) * int(d))
     if task == "revrot":
         return answer == _shift(body[::-1])
     if task == "lookup":
         key, pairs = body.split(":")
         return answer == dict(zip(pairs[::2], pairs[1::2], strict=True))[key]
     raise ValueError(f"unknown task {task!r}")
+
+
+def mix_schedule(names: list[str], mix: dict[str, int] | None = None) -> list[str]:
+    """One period of the training stream's family order: each family ``mix[name]`` times (1 unless
+    given), spread evenly (smooth weighted round-robin). Equal weights give plain round-robin."""
+    weights = [(mix or {}).get(n, 1) for n in names]
+    current = [0] * len(names)
+    order = []
+    for _ in range(sum(weights)):
+        current = [c + w for c, w in zip(current, weights, strict=True)]
+        i = current.index(max(current))
+        current[i] -= sum(weights)
+        order.append(names[i])
+    return order
 
 
 def make_splits(
@@ -197,6 +226,7 @@ def make_splits(
     lengths: dict[str, tuple[int, int]] | None = None,
     language: Any = None,
     prefix_chars: tuple[int, int] = (1, 3),
+    mix: dict[str, int] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Draw ``n_heldout`` then ``n_train`` examples, round-robin over ``tasks``.
 
@@ -209,6 +239,8 @@ def make_splits(
     ``language`` (a ``compress.data.language.Language``); a held-out ``lang`` row is a whole text
     (prompt ``<s>``) and no training row continues into a held-out text. Training ``lang`` prompts
     carry the text's first ``prefix_chars`` characters (a range), so that prompts differ.
+
+    ``mix`` weighs the families of the train stream (``mix_schedule``); held-out stays balanced.
     """
     names = list(tasks)
     unknown = [t for t in names if t not in ALL_TASKS]
@@ -233,14 +265,14 @@ def make_splits(
             prompt, answer = TASKS[task](rng)
         return prompt, answer, prompt
 
-    def draw(n: int, split: str, unique: bool) -> list[dict]:
+    def draw(n: int, split: str, unique: bool, order: list[str]) -> list[dict]:
         rows: list[dict] = []
         attempts = 0
         while len(rows) < n:
             attempts += 1
             if attempts > 100 * n + 1000:
                 raise ValueError(f"task world too small for {n} {split} examples of {names}")
-            task = names[len(rows) % len(names)]
+            task = order[len(rows) % len(order)]
             prompt, answer, key = example(task, split)
             if key in heldout_prompts:
                 continue
@@ -249,8 +281,11 @@ def make_splits(
             rows.append({"id": f"{split}-{len(rows)}", "task": task, "prompt": prompt, "answer": answer})
         return rows
 
-    heldout = draw(n_heldout, "heldout", unique=True)
-    train = draw(n_train, "train", unique=False)
+    stray = sorted(set(mix or {}) - set(names))
+    if stray:
+        raise ValueError(f"mix names {stray}, which are not among the tasks {names}")
+    heldout = draw(n_heldout, "heldout", unique=True, order=names)
+    train = draw(n_train, "train", unique=False, order=mix_schedule(names, mix))
     return train, heldout
 
 
@@ -266,6 +301,7 @@ def world_splits(world: Any) -> tuple[list[dict], list[dict]]:
         lengths={k: tuple(v) for k, v in (world.lengths or {}).items()},
         language=language_of(world),
         prefix_chars=tuple(world.language.prefix_chars),
+        mix=world.mix or None,
     )
 
 
