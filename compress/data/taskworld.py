@@ -187,12 +187,10 @@ def check_answer(task: str, prompt: str, answer: str) -> bool:
         return answer == "".join(c + c for c in body)
     if task == "rot":
         return answer == _shift(body)
-    if task == "add":
+    if task in ("add", "addc"):
         a, b = body.split("+")
-        return answer == str(int(a) + int(b))
-    if task == "addc":
-        a, b = body.split("+")
-        return answer == _lsd_first(int(a) + int(b))
+        total = int(a) + int(b)
+        return answer == (_lsd_first(total) if task == "addc" else str(total))
     if task == "mul":
         a, d = body.split("x")
         return answer == _lsd_first(int(a) * int(d))
@@ -208,12 +206,13 @@ def mix_schedule(names: list[str], mix: dict[str, int] | None = None) -> list[st
     """One period of the training stream's family order: each family ``mix[name]`` times (1 unless
     given), spread evenly (smooth weighted round-robin). Equal weights give plain round-robin."""
     weights = [(mix or {}).get(n, 1) for n in names]
+    total = sum(weights)
     current = [0] * len(names)
     order = []
-    for _ in range(sum(weights)):
+    for _ in range(total):
         current = [c + w for c, w in zip(current, weights, strict=True)]
         i = current.index(max(current))
-        current[i] -= sum(weights)
+        current[i] -= total
         order.append(names[i])
     return order
 
