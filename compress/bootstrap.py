@@ -90,7 +90,7 @@ def teacher_hash(cfg: BootstrapConfig) -> str:
         data["init_from"] = sha256_path(Path(cfg.init_from) / "model.safetensors")
     # Settings added to TrainConfig later whose default trains exactly as before: left out at their
     # default, so that a teacher trained before they existed keeps its hash.
-    for name, default in (("gradient_accumulation_steps", 1), ("bf16", False)):
+    for name, default in (("gradient_accumulation_steps", 1), ("bf16", False), ("pack", False)):
         if data["train"].get(name) == default:
             del data["train"][name]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

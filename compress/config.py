@@ -169,6 +169,11 @@ class TrainConfig(StrictModel):
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, description="Micro-batches per optimizer step; batch_size stays the global batch."
     )
+    pack: bool = Field(
+        default=False,
+        description="Padding-free batches: pack each batch's sequences into rows, attention kept per "
+        "sequence (same loss, less compute where lengths differ).",
+    )
     seed: int = 0
 
 

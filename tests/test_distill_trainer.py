@@ -20,7 +20,7 @@ from compress.config import DistillConfig, KDLoss
 from compress.data.taskworld import read_jsonl
 from compress.distill.losses import LOSSES
 from compress.distill.recipe import DistillJob, distill_student
-from compress.distill.trainer import shared_vocab
+from compress.distill.trainer import encode_example, make_collator, shared_vocab
 from compress.generate.cache import LogitCache
 from compress.generate.teacher import parse_choice
 from compress.lineage import read_json, write_json
@@ -156,6 +156,48 @@ def test_gradient_accumulation_takes_the_same_steps(data, student, tmp_path):
     a, b = read_loss_log(tmp_path / "1"), read_loss_log(tmp_path / "2")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
     assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-5
+
+
+def test_a_packed_row_gives_each_example_its_own_logits():
+    """Padding-free packing: examples share a row but not attention; each token's logits are those
+    of the example run alone, and every example's tokens and targets are in the batch."""
+    model, tok = load_model(TEACHER), load_tokenizer(TEACHER)
+    texts = [("sum 12+7=", "91"), ("rev abcde=", "edcba"), ("ord zyxwvutsrqpon=", "nopqrstuvwxyz"), ("rr ab=", "cb")]
+    examples = [encode_example(tok, p, tok(a + "\n", add_special_tokens=False)["input_ids"]) for p, a in texts]
+    batch = make_collator(tok.pad_token_id, None, pack=True)(examples)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] < len(examples)
+    assert int((batch["labels"] != -100).sum()) == sum(sum(x != -100 for x in ex["labels"][1:]) for ex in examples)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        for ex in examples:
+            ids = torch.tensor([ex["input_ids"]])
+            alone = model(input_ids=ids).logits[0]
+            # Find the example in the packed rows by its tokens and its positions from 0.
+            r, at = next(
+                (r, at)
+                for r in range(batch["input_ids"].shape[0])
+                for at in range(batch["input_ids"].shape[1] - ids.shape[1] + 1)
+                if batch["position_ids"][r, at] == 0
+                and torch.equal(batch["input_ids"][r, at : at + ids.shape[1]], ids[0])
+            )
+            assert torch.allclose(packed[r, at : at + ids.shape[1]], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["cache", "online"])
+def test_packed_batches_train_like_padded_ones(source, data, student, tmp_path):
+    """``train.pack``: the same loss curve and weights as padded batches, cached or online teacher."""
+    kw = {"teacher_source": "online"} if source == "online" else {}
+    logits, teacher = (None, TEACHER) if source == "online" else (data / "logits", None)
+    runs = {}
+    for pack in (False, True):
+        cfg = _cfg(train={"pack": pack}, **kw)
+        out, log = tmp_path / f"p{pack}", tmp_path / f"p{pack}.jsonl"
+        distill_student(student, data / "data", logits, cfg, out, teacher_dir=teacher, log_path=log)
+        runs[pack] = (read_loss_log(log), _weights(out))
+    (a, wa), (b, wb) = runs[False], runs[True]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
+    assert [r["kd"] for r in a] == pytest.approx([r["kd"] for r in b], rel=1e-4)
+    assert _max_diff(wa, wb) < 1e-5 and _max_diff(wb, _weights(student)) > 1e-3
 
 
 def test_vocab_padding_is_aligned_and_other_tokenizers_are_refused(tmp_path):

@@ -98,35 +98,73 @@ TEACHER_FIELDS = {"teacher_ids": (torch.long, 0), "teacher_logprobs": (torch.flo
                   "teacher_counts": (torch.float32, 0.0), "teacher_proposal": (torch.float32, 0.0)}  # fmt: skip
 
 
-def make_collator(pad_id: int, top_k: int | None):
+def make_collator(pad_id: int, top_k: int | None, pack: bool = False):
     """Right-pad a batch; lay the teacher's cached rows out as ``[B, T, k]`` aligned with ``labels``.
 
     ``top_k`` set: the examples carry ``teacher_ids``/``teacher_logprobs`` (and, from a sampled cache,
     ``teacher_counts``/``teacher_proposal``) with one row per completion token.
+
+    ``pack``: padding-free batches. The examples are packed first-fit into rows no longer than the
+    longest of them, each with its own ``position_ids`` from 0 and no ``attention_mask``, so that
+    transformers masks attention to a block per example (``find_packed_sequence_indices``). The loss
+    is the same as padded (the first token of each example is never a target, as in a padded row).
     """
 
     def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(ex["input_ids"]) for ex in batch)
-        n = len(batch)
+        lengths = [len(ex["input_ids"]) for ex in batch]
+        width = max(lengths)
+        rows = _first_fit(lengths, width) if pack else [[i] for i in range(len(batch))]
+        n = len(rows)
         input_ids = torch.full((n, width), pad_id, dtype=torch.long)
         labels = torch.full((n, width), -100, dtype=torch.long)
-        attn = torch.zeros((n, width), dtype=torch.long)
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attn}
+        out = {"input_ids": input_ids, "labels": labels}
         fields = [f for f in TEACHER_FIELDS if top_k and f in batch[0]]
         for f in fields:
             dtype, fill = TEACHER_FIELDS[f]
             out[f] = torch.full((n, width, np.asarray(batch[0][f]).shape[-1]), fill, dtype=dtype)
-        for i, ex in enumerate(batch):
-            L = len(ex["input_ids"])
-            input_ids[i, :L] = torch.tensor(ex["input_ids"])
-            labels[i, :L] = torch.tensor(ex["labels"])
-            attn[i, :L] = 1
-            for f in fields:
-                rows = torch.as_tensor(np.asarray(ex[f]))
-                out[f][i, L - len(rows) : L] = rows.to(out[f].dtype)  # the completion: the sequence's end
+        positions = torch.zeros((n, width), dtype=torch.long)
+        for r, members in enumerate(rows):
+            at = 0
+            for i in members:
+                ex, end = batch[i], at + lengths[i]
+                input_ids[r, at:end] = torch.tensor(ex["input_ids"])
+                labels[r, at:end] = torch.tensor(ex["labels"])
+                labels[r, at] = -100  # nothing of its own predicts an example's first token
+                positions[r, at:end] = torch.arange(lengths[i])
+                for f in fields:
+                    rows_f = torch.as_tensor(np.asarray(ex[f]))
+                    out[f][r, end - len(rows_f) : end] = rows_f.to(out[f].dtype)  # the completion: its end
+                at = end
+            # The padding tail counts from 0 too: a block of its own, outside every example's attention.
+            positions[r, at:] = torch.arange(width - at)
+        if pack:
+            out["position_ids"] = positions
+        else:
+            out["attention_mask"] = _real_tokens(lengths, width)
         return out
 
     return collate
+
+
+def _real_tokens(lengths: list[int], width: int) -> torch.Tensor:
+    """``[B, width]`` 1 where a right-padded row has a token, 0 on its padding."""
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of the examples per packed row, longest first into the first row with room
+    (first-fit decreasing: within 22% of the fewest rows). Written here as it is ten lines."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
 
 
 def _pad_id(tokenizer) -> int:
@@ -150,17 +188,23 @@ def output_head(model, vocab: int | None = None) -> Head:
 
 
 def decoder_states(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, all_layers: bool = False
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    all_layers: bool = False,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """``[B, T, H]`` states after the final norm (the lm_head's input), and each layer's output if asked.
 
     The model's own forward (so that DDP and peft wrappers see it) with ``logits_to_keep=1``: the
     lm_head runs on one position only, so no ``[B, T, V]`` logits are made. transformers returns the
     final norm's output as the last hidden state; ``check_head`` verifies that for each model.
+    A packed batch (``make_collator(pack=True)``) gives ``position_ids`` and no attention mask.
     """
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        position_ids=position_ids,
         use_cache=False,
         output_hidden_states=True,
         logits_to_keep=1,
@@ -268,16 +312,16 @@ class KDTrainer(Trainer):
         t_lp = inputs.pop("teacher_logprobs", None)
         t_counts = inputs.pop("teacher_counts", None)
         t_prop = inputs.pop("teacher_proposal", None)
-        ids, attn = inputs["input_ids"], inputs["attention_mask"]
+        ids, attn, pos = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
         # Shift: position t predicts token t+1; the teacher rows are stored at the target position.
         mask = labels[:, 1:] != -100
         with_layers = self.hidden_mse is not None and obj.hidden_weight > 0
-        final, layers = decoder_states(model, ids, attn, all_layers=with_layers)
+        final, layers = decoder_states(model, ids, attn, with_layers, pos)
         hidden = final[:, :-1][mask]
         teacher, hidden_sum = None, torch.zeros((), device=hidden.device)
         if self.teacher_model is not None and (obj.kd_weight > 0 or with_layers):
             with torch.no_grad():
-                t_final, t_layers = decoder_states(self.teacher_model, ids, attn, all_layers=with_layers)
+                t_final, t_layers = decoder_states(self.teacher_model, ids, attn, with_layers, pos)
             teacher = DenseTeacher(hidden=t_final[:, :-1][mask], head=output_head(self.teacher_model, self.vocab))
             if with_layers:
                 hidden_sum = self.hidden_mse([h[:, :-1] for h in layers], [h[:, :-1] for h in t_layers], mask)
@@ -516,8 +560,9 @@ def train_causal_lm(
         callbacks.append(_ProjectionCheckpoint(hidden_mse))
         if resume and (Path(resume) / PROJECTION_FILE).is_file():
             hidden_mse.load_state_dict(torch.load(Path(resume) / PROJECTION_FILE, map_location=device))
-    collate = make_collator(_pad_id(tokenizer), top_k if objective.kd_weight > 0 and teacher_model is None else None)
-    probe = collate(examples[: min(2, len(examples))])
+    cached_k = top_k if objective.kd_weight > 0 and teacher_model is None else None
+    collate = make_collator(_pad_id(tokenizer), cached_k, pack=train.pack)
+    probe = make_collator(_pad_id(tokenizer), None)(examples[: min(2, len(examples))])
     for m in (model, teacher_model):
         if m is not None:
             check_head(m, probe["input_ids"].to(device), probe["attention_mask"].to(device))
