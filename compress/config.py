@@ -98,11 +98,6 @@ class TaskWorldConfig(StrictModel):
         description="Relative share of families in the training stream (1 each unless set; the held-out "
         "split stays balanced): more rows for the families a model learns slowest.",
     )
-    fixed_width: bool = Field(
-        default=False,
-        description="addc and mul operands zero-padded to the most digits of their range ('sum 478+095='), "
-        "so each digit sits at the same distance from '=' in every prompt; the same problems as unpadded.",
-    )
 
     @field_validator("mix")
     @classmethod
@@ -133,7 +128,7 @@ class TaskWorldConfig(StrictModel):
         """The fields that decide the splits, with settings left out at their default when unused, so
         that a world defined before they existed keeps its hash."""
         data = self.model_dump(mode="json")
-        for name in ("lengths", "mix", "fixed_width"):
+        for name in ("lengths", "mix"):
             if not data[name]:
                 del data[name]
         if "lang" not in self.tasks:

@@ -197,26 +197,3 @@ def test_bad_mix_is_a_one_line_error():
         validate(TaskWorldConfig, {"tasks": ["addc"], "mix": {"addc": 0}}, "x.yaml")
     with pytest.raises(ValueError, match="mix"):
         make_splits(["addc"], 5, 5, seed=0, mix={"lookup": 2})
-
-
-def test_fixed_width_writes_the_same_problems_at_fixed_positions():
-    """``fixed_width``: operands zero-padded to the top of their range; the same draws otherwise, and
-    every answer still right by the independent functions."""
-    kw = {"lengths": {"addc": (2, 4), "mul": (2, 3)}}
-    plain_train, plain_held = make_splits(["addc", "mul", "sortl"], 60, 30, seed=5, **kw)
-    train, held = make_splits(["addc", "mul", "sortl"], 60, 30, seed=5, fixed_width=True, **kw)
-    for plain, padded in zip(plain_train + plain_held, train + held, strict=True):
-        assert padded["answer"] == plain["answer"] and padded["task"] == plain["task"]
-        assert padded["answer"] == _independent(padded["task"], padded["prompt"])
-        body = padded["prompt"].split(" ", 1)[1].rstrip("=")
-        if padded["task"] == "addc":
-            assert [len(x) for x in body.split("+")] == [4, 4]
-            assert [int(x) for x in body.split("+")] == [int(x) for x in plain["prompt"][4:-1].split("+")]
-        elif padded["task"] == "mul":
-            number, digit = body.split("x")
-            assert len(number) == 3 and len(digit) == 1 and plain["prompt"] == f"mul {int(number)}x{digit}="
-        else:
-            assert padded["prompt"] == plain["prompt"]
-    cfg = TaskWorldConfig(tasks=["addc"], n_train=4, n_heldout=2, fixed_width=True)
-    assert len(world_splits(cfg)[1][0]["prompt"]) == len("sum 123+456=") and "fixed_width" in cfg.hash_dump()
-    assert "fixed_width" not in TaskWorldConfig(tasks=["addc"]).hash_dump()  # unset: old worlds keep their hash

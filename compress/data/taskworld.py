@@ -22,7 +22,6 @@ digits, letters or pairs, both ends included), so difficulty is a setting:
           digit first; digits per operand, 2-3)
   mul     a number times a digit 2-9, ``mul 48x6=`` -> ``882`` (288, least-significant digit first;
           digits of the number, 2-3)
-          (``fixed_width``: operands zero-padded to the top of the range, ``sum 478+095=``, ``mul 048x6=``)
   count   occurrences of a letter in a string over {a, b, c, d}, ``count b:abdbbca=`` -> ``3`` (6-10)
   sortl   sort lowercase letters, ``ord qkfzm=`` -> ``fkmqz`` (5-7)
   revrot  reverse, then shift each letter by one, ``rr abcd=`` -> ``edcb`` (4-6)
@@ -116,17 +115,6 @@ def _addc(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
 def _mul(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
     a, d = _number(rng, rng.randint(lo, hi)), rng.randint(2, 9)
     return f"mul {a}x{d}=", _lsd_first(a * d)
-
-
-def zero_pad(task: str, prompt: str, width: int) -> str:
-    """An ``addc``/``mul`` prompt with its operands zero-padded to ``width`` digits (the digit of
-    ``mul`` stays one): ``sum 478+95=`` -> ``sum 478+095=``. Other prompts are returned as they are."""
-    if task not in ("addc", "mul"):
-        return prompt
-    head, body = prompt.rstrip("=").split(" ", 1)
-    op = "+" if task == "addc" else "x"
-    a, b = body.split(op)
-    return f"{head} {a.zfill(width)}{op}{b.zfill(width) if task == 'addc' else b}="
 
 
 def _count(rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
@@ -238,7 +226,6 @@ def make_splits(
     language: Any = None,
     prefix_chars: tuple[int, int] = (1, 3),
     mix: dict[str, int] | None = None,
-    fixed_width: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """Draw ``n_heldout`` then ``n_train`` examples, round-robin over ``tasks``.
 
@@ -253,8 +240,6 @@ def make_splits(
     carry the text's first ``prefix_chars`` characters (a range), so that prompts differ.
 
     ``mix`` weighs the families of the train stream (``mix_schedule``); held-out stays balanced.
-    ``fixed_width`` zero-pads the operands of ``addc`` and ``mul`` to the top of their range
-    (``zero_pad``): the same draws, so the same problems, written at fixed positions.
     """
     names = list(tasks)
     unknown = [t for t in names if t not in ALL_TASKS]
@@ -275,8 +260,6 @@ def make_splits(
             return BOS + text[:cut], text[cut:], f"{LANG}:{text}"
         if task in HARD:
             prompt, answer = HARD[task].make(rng, *ranges[task])
-            if fixed_width:
-                prompt = zero_pad(task, prompt, ranges[task][1])
         else:
             prompt, answer = TASKS[task](rng)
         return prompt, answer, prompt
@@ -318,7 +301,6 @@ def world_splits(world: Any) -> tuple[list[dict], list[dict]]:
         language=language_of(world),
         prefix_chars=tuple(world.language.prefix_chars),
         mix=world.mix or None,
-        fixed_width=world.fixed_width,
     )
 
 
