@@ -28,7 +28,7 @@ from compress.config import TASKWORLD_TASK, EvaluateConfig
 from compress.data.taskworld import END, LANG, write_jsonl
 from compress.lineage import write_json
 from compress.serving.vllm_server import VLLMServer
-from evaluation.tasks import LANGUAGE_LM_EVAL, LANGUAGE_TASK, TASKWORLD_LM_EVAL
+from evaluation.tasks import LANGUAGE_LM_EVAL, LANGUAGE_TASK, TASKWORLD_LM_EVAL, family_task, lm_eval_names
 
 if TYPE_CHECKING:
     from compress.data.language import Language
@@ -150,9 +150,11 @@ def evaluate_checkpoint(
     t0 = time.time()
     out: dict[str, Any] = {"backend": cfg.backend, "throughput": None}
     log = Path(log_dir or Path(model_dir).parent / "logs") / f"vllm-eval-{label}.log"
+    # The task world's per-example outcomes give its per-family scores.
+    samples = log_samples or TASK_NAME in lm_eval_names(cfg, taskworld_dir)
     if cfg.backend == "hf":
         args = _hf_args(model_dir, device, dtype, trust_remote_code)
-        results = _run_lm_eval("hf", args, cfg, taskworld_dir, seed, log_samples)
+        results = _run_lm_eval("hf", args, cfg, taskworld_dir, seed, samples)
     # One server per model, started after an in-process evaluation has let its model go.
     if cfg.uses_vllm:
         with serve_for_eval(model_dir, cfg, dtype, trust_remote_code, label, log) as server:
@@ -160,7 +162,7 @@ def evaluate_checkpoint(
                 args = _completions_args(server, model_dir, trust_remote_code, cfg.vllm.num_concurrent)
                 # lm-eval's API models read the key from the environment only.
                 with _env(OPENAI_API_KEY=server.api_key):
-                    results = _run_lm_eval("local-completions", args, cfg, taskworld_dir, seed, log_samples)
+                    results = _run_lm_eval("local-completions", args, cfg, taskworld_dir, seed, samples)
             if cfg.measures_throughput:
                 prompts = throughput_prompts(taskworld_dir, cfg.vllm.throughput_prompts)
                 out["throughput"] = measure_throughput(
@@ -174,11 +176,51 @@ def evaluate_checkpoint(
                 )
     if log_samples:
         out["samples"] = {_ours(t): _outcomes(rows) for t, rows in (results.get("samples") or {}).items()}
+    n = {_ours(t): v.get("effective") for t, v in (results.get("n-samples") or {}).items()}
+    families = family_scores((results.get("samples") or {}).get(TASK_NAME) or [])
+    scores = with_families(parse_scores(results["results"]), {f: v for f, (v, _) in families.items()})
     return out | {
-        "scores": parse_scores(results["results"]),
-        "n": {_ours(t): v.get("effective") for t, v in (results.get("n-samples") or {}).items()},
+        "scores": scores,
+        "n": n | {f: count for f, (_, count) in families.items()},
         "seconds": round(time.time() - t0, 2),
     }
+
+
+def family_scores(samples: list[dict[str, Any]]) -> dict[str, tuple[dict[str, dict[str, float | None]], int]]:
+    """The task world's exact match per family, from lm-eval's per-example records (``log_samples``):
+    ``{"taskworld_<family>": ({"exact_match": {"value", "stderr"}}, examples)}``.
+
+    Each record carries its document (with the row's ``task``) and its metric; the stderr is that
+    of a mean, as lm-eval computes it for the whole task (sample standard deviation / sqrt(n)).
+    Families come in the order of the held-out split; a second filter's record of a document is
+    not counted again.
+    """
+    by_family: dict[str, list[float]] = {}
+    seen: set[int] = set()
+    for row in sorted(samples, key=lambda r: r["doc_id"]):
+        if row["doc_id"] in seen or METRIC not in row or "task" not in row["doc"]:
+            continue
+        seen.add(row["doc_id"])
+        by_family.setdefault(row["doc"]["task"], []).append(float(row[METRIC]))
+    out = {}
+    for family, values in by_family.items():
+        k = len(values)
+        mean = sum(values) / k
+        stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1) / k) if k > 1 else None
+        out[family_task(family)] = ({METRIC: {"value": mean, "stderr": stderr}}, k)
+    return out
+
+
+def with_families(
+    scores: dict[str, dict[str, dict[str, float | None]]], families: dict[str, dict[str, dict[str, float | None]]]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``scores`` with the per-family entries right after the task world's own (the headline stays first)."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for task, metrics in scores.items():
+        out[task] = metrics
+        if task == TASKWORLD_TASK:
+            out |= families
+    return out | families
 
 
 @contextlib.contextmanager
@@ -248,7 +290,7 @@ def _run_lm_eval(
     # Imported here: lm-eval pulls in datasets/evaluate and is only needed by this stage.
     import lm_eval
 
-    from evaluation.tasks import lm_eval_names, task_manager
+    from evaluation.tasks import task_manager
 
     return lm_eval.simple_evaluate(
         model=model,

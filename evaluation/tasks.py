@@ -62,6 +62,16 @@ def task_manager(cfg: EvaluateConfig, taskworld_dir: Path | None = None):
     return TaskManager(include_path=paths or None, include_defaults=True)
 
 
+def family_task(family: str) -> str:
+    """The results' name of one task-world family's exact match (``taskworld_addc``)."""
+    return f"{TASKWORLD_TASK}_{family}"
+
+
+def evaluated_names(tasks: list[dict[str, Any]]) -> set[str]:
+    """Every task name a gate or the headline may use: ours, lm-eval's and the task world's families."""
+    return {n for t in tasks for n in (t["task"], t["lm_eval"], *t.get("families", []))}
+
+
 def user_task_names(cfg: EvaluateConfig) -> list[str]:
     """The task names the user gave (``taskworld`` aside: it is ours and always there)."""
     return [t for t in cfg.tasks if t != TASKWORLD_TASK]
@@ -70,13 +80,15 @@ def user_task_names(cfg: EvaluateConfig) -> list[str]:
 def check_tasks(cfg: EvaluateConfig, world_tasks: list[str] | None = None) -> list[dict[str, Any]]:
     """Check every task name and that its data can be reached; return one description per leaf task.
 
-    ``world_tasks``: the task world's families, when known; with ``lang`` among them the language's
-    NLL task is listed too. Raises ``ConfigError`` naming the first task that is unknown or whose
-    data is out of reach.
+    ``world_tasks``: the task world's families, when known; their per-family exact match is listed
+    with the task world (``families``), and with ``lang`` among them the language's NLL task too.
+    Raises ``ConfigError`` naming the first task that is unknown or whose data is out of reach.
     """
     out: list[dict[str, Any]] = []
     if TASKWORLD_TASK in cfg.tasks:
-        out.append({"task": TASKWORLD_TASK, "lm_eval": TASKWORLD_LM_EVAL, "data": "built-in held-out split"})
+        families = [family_task(t) for t in dict.fromkeys(world_tasks or []) if t != LANG]
+        data = "built-in held-out split" + (f"; per family: {', '.join(families)}" if families else "")
+        out.append({"task": TASKWORLD_TASK, "lm_eval": TASKWORLD_LM_EVAL, "data": data, "families": families})
         if LANG in (world_tasks or []):
             out.append({"task": LANGUAGE_TASK, "lm_eval": LANGUAGE_LM_EVAL, "data": "built-in held-out texts (NLL)"})
     names = user_task_names(cfg)

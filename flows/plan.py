@@ -29,6 +29,7 @@ from compress.config import (
 )
 from compress.hub import ResolvedModel, checkpoint_layout, read_model_config, resolve_model, text_config
 from compress.lineage import hash_cache_file, sha256_path, sha256_path_cached, source_hash
+from evaluation.tasks import evaluated_names
 
 HEAD_ROWS = 5
 
@@ -132,7 +133,7 @@ def _check_headline(cfg: PipelineConfig, tasks: list[dict[str, Any]]) -> None:
     if not cfg.evaluate.headline:
         return
     task, sep, metric = cfg.evaluate.headline.partition("/")
-    names = {t["task"] for t in tasks} | {t["lm_eval"] for t in tasks}
+    names = evaluated_names(tasks)
     if not sep or not metric:
         raise ConfigError(f"evaluate.headline: '{cfg.evaluate.headline}' must be 'task/metric'")
     if task not in names:
@@ -152,7 +153,7 @@ def check_evaluation(evaluate: EvaluateConfig, models: list[str], tasks: list[di
         check_gate_models(evaluate.gates, models)
     except GateError as e:
         raise ConfigError(str(e)) from None
-    names = {t["task"] for t in tasks} | {t["lm_eval"] for t in tasks}
+    names = evaluated_names(tasks)
     for i, text in enumerate(evaluate.gates):
         for ref in parse_gate(text).refs():
             if ref.task is not None and ref.task not in names:

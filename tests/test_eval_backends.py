@@ -89,6 +89,19 @@ def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path, bos):
     # Per example: the same generations, the same choice picked.
     assert vl["samples"]["taskworld"] == hf["samples"]["taskworld"]
     assert vl["samples"]["taskworld_mc"] == hf["samples"]["taskworld_mc"]
+    # Per family: lm-eval's per-example exact match, grouped by the row's family, equals a recount
+    # of the generations against the answers.
+    tasks = [r for r in heldout if r["task"] != "lang"]
+    families = sorted({r["task"] for r in tasks})
+    for res in (hf, vl):
+        assert [t for t in res["scores"] if t.startswith("taskworld_") and t != "taskworld_mc"] == [
+            f"taskworld_{f}" for f in dict.fromkeys(r["task"] for r in tasks)
+        ]  # in the order of the held-out split
+        for family in families:
+            pairs = [(r, g) for r, g in zip(tasks, res["samples"]["taskworld"], strict=True) if r["task"] == family]
+            recount = sum(g == r["answer"] for r, g in pairs) / len(pairs)
+            assert res["scores"][f"taskworld_{family}"]["exact_match"]["value"] == pytest.approx(recount)
+            assert res["n"][f"taskworld_{family}"] == len(pairs)
     # The language's per-character NLL: the same texts scored from the same prefix token.
     nll_hf, nll_vllm = (r["scores"]["language"]["bits_per_byte"]["value"] for r in (hf, vl))
     assert nll_vllm == pytest.approx(nll_hf, rel=1e-3)

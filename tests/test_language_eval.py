@@ -9,7 +9,7 @@ import math
 import pytest
 
 from compress.bootstrap import text_nll
-from compress.config import EvaluateConfig, TaskWorldConfig
+from compress.config import ConfigError, EvaluateConfig, TaskWorldConfig
 from compress.data.language import floor, language_of
 from compress.data.taskworld import END, world_splits
 from compress.models import load_model, load_tokenizer
@@ -61,3 +61,10 @@ def test_plan_lists_the_language_and_gates_may_name_it():
     assert [t["lm_eval"] for t in tasks] == ["distillflow_taskworld", "distillflow_language"]
     check_evaluation(cfg, ["teacher", "student"], tasks)  # no error: the language is an evaluated task
     assert [t["lm_eval"] for t in check_tasks(cfg, ["rev"])] == ["distillflow_taskworld"]
+
+    # Each family's exact match is a task that gates and the headline may name.
+    assert tasks[0]["families"] == ["taskworld_rev"]
+    per_family = EvaluateConfig(gates=["student.taskworld_rev.exact_match >= 0.9 * teacher.taskworld_rev.exact_match"])
+    check_evaluation(per_family, ["teacher", "student"], tasks)
+    with pytest.raises(ConfigError, match="taskworld_max"):
+        check_evaluation(EvaluateConfig(gates=["student.taskworld_max.exact_match >= 0.5"]), ["student"], tasks)
