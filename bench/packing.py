@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
+from compress.bootstrap import answer_examples
 from compress.config import BootstrapConfig, load_config
-from compress.data.taskworld import END, world_splits
+from compress.data.taskworld import world_splits
 from compress.data.tokenizer import build_tokenizer
-from compress.distill.trainer import _pad_id, encode_example, make_collator, train_causal_lm
+from compress.distill.trainer import _pad_id, make_collator, train_causal_lm
 from compress.lineage import package_versions, write_json
 from compress.models import build_llama
 
@@ -56,9 +57,7 @@ def main() -> None:
     world = cfg.taskworld.model_copy(update={"n_train": n})
     rows, _ = world_splits(world)
     tok = build_tokenizer()
-    examples = [
-        encode_example(tok, r["prompt"], tok(r["answer"] + END, add_special_tokens=False)["input_ids"]) for r in rows
-    ]
+    examples = answer_examples(tok, rows)
     train = cfg.train.model_copy(update={"max_steps": args.steps, "batch_size": args.batch_size})
     runs: dict[str, list[dict]] = {"padded": [], "packed": []}
     with tempfile.TemporaryDirectory() as tmp:

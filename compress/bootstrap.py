@@ -82,6 +82,14 @@ def _continue_from(cfg: BootstrapConfig):
     return model, tokenizer
 
 
+def answer_examples(tokenizer, rows: list[dict]) -> list[dict[str, list[int]]]:
+    """Task-world rows as training examples: the prompt, then the reference answer and its end marker."""
+    return [
+        encode_example(tokenizer, r["prompt"], tokenizer(r["answer"] + END, add_special_tokens=False)["input_ids"])
+        for r in rows
+    ]
+
+
 def teacher_hash(cfg: BootstrapConfig) -> str:
     """Hash of what decides the teacher's weights (task world, shape, training, the checkpoint it
     starts from), not where it is saved."""
@@ -112,10 +120,7 @@ def bootstrap_teacher(
     else:
         tokenizer = build_tokenizer()
         model = build_llama(cfg.arch, tokenizer, seed=cfg.train.seed)
-    examples = [
-        encode_example(tokenizer, r["prompt"], tokenizer(r["answer"] + END, add_special_tokens=False)["input_ids"])
-        for r in train_rows
-    ]
+    examples = answer_examples(tokenizer, train_rows)
     metrics = train_causal_lm(None, examples, out_dir, cfg.train, progress=progress, model=model, tokenizer=tokenizer)
     teacher = load_model(out_dir)
     tok = load_tokenizer(out_dir)

@@ -190,11 +190,13 @@ def family_scores(samples: list[dict[str, Any]]) -> dict[str, tuple[dict[str, di
     """The task world's exact match per family, from lm-eval's per-example records (``log_samples``):
     ``{"taskworld_<family>": ({"exact_match": {"value", "stderr"}}, examples)}``.
 
-    Each record carries its document (with the row's ``task``) and its metric; the stderr is that
-    of a mean, as lm-eval computes it for the whole task (sample standard deviation / sqrt(n)).
+    Each record carries its document (with the row's ``task``) and its metric; the stderr is
+    lm-eval's own ``mean_stderr``, as for the whole task.
     Families come in the order of the held-out split; a second filter's record of a document is
     not counted again.
     """
+    from lm_eval.api.metrics import mean_stderr
+
     by_family: dict[str, list[float]] = {}
     seen: set[int] = set()
     for row in sorted(samples, key=lambda r: r["doc_id"]):
@@ -204,10 +206,8 @@ def family_scores(samples: list[dict[str, Any]]) -> dict[str, tuple[dict[str, di
         by_family.setdefault(row["doc"]["task"], []).append(float(row[METRIC]))
     out = {}
     for family, values in by_family.items():
-        k = len(values)
-        mean = sum(values) / k
-        stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1) / k) if k > 1 else None
-        out[family_task(family)] = ({METRIC: {"value": mean, "stderr": stderr}}, k)
+        stderr = mean_stderr(values) if len(values) > 1 else None  # undefined for one example
+        out[family_task(family)] = ({METRIC: {"value": sum(values) / len(values), "stderr": stderr}}, len(values))
     return out
 
 
