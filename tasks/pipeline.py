@@ -149,6 +149,9 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                     "device": ctx.device,
                     "teacher_dir": t,
                     "trust_remote_code": remote,
+                    # The hidden-state loss pairs each student layer with the teacher layer it came from.
+                    # Not in the key: the pruned checkpoint's hash already decides it.
+                    "teacher_layers": pruned.result.get("kept_layers"),
                 },
                 key=[
                     config_hash(c.distill, exclude=None if use_logits else KD_FIELDS),

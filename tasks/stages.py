@@ -218,6 +218,7 @@ def distill_task(
     device: str,
     teacher_dir: str | None = None,
     trust_remote_code: bool = False,
+    teacher_layers: list[int] | None = None,
 ) -> dict:
     """Train the pruned student: KD against the teacher + CE, or CE only (SFT baseline).
 
@@ -238,6 +239,7 @@ def distill_task(
         log_path=loss_log,
         teacher_dir=Path(teacher_dir) if teacher_dir else None,
         trust_remote_code=trust_remote_code,
+        teacher_layers=teacher_layers,
     )
     if metrics.get("resumed_from_step"):
         logger.info("distill (%s) resumed from step %d", label, metrics["resumed_from_step"])

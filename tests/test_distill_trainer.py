@@ -20,7 +20,7 @@ from compress.config import DistillConfig, KDLoss
 from compress.data.taskworld import read_jsonl
 from compress.distill.losses import LOSSES
 from compress.distill.recipe import DistillJob, distill_student
-from compress.distill.trainer import encode_example, make_collator, shared_vocab
+from compress.distill.trainer import HiddenMSE, encode_example, make_collator, shared_vocab
 from compress.generate.cache import LogitCache
 from compress.generate.teacher import parse_choice
 from compress.lineage import read_json, write_json
@@ -145,6 +145,29 @@ def test_hidden_mse_with_a_projection_is_trained_and_not_saved(tmp_path, data):
     _, info = type(load_model(tmp_path / "narrow")).from_pretrained(str(tmp_path / "out"), output_loading_info=True)
     assert not any(info.values()), info  # no projection weights, nothing missing
     assert not any("projection" in k for k in _weights(tmp_path / "out"))
+
+
+def test_hidden_mse_matches_each_student_layer_with_the_teacher_layer_it_came_from():
+    """A depth-pruned student kept teacher layers 0, 2, 3: its layer outputs are compared with those,
+    not with evenly spaced ones (which would be 1, 3 and 4 here)."""
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 3, 8) for _ in range(5)]
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    kept = [0, 2, 3]
+    student = [teacher[i].clone() for i in kept]
+    assert HiddenMSE(3, 5, 8, 8, layer_map=kept)(student, teacher, mask) == 0
+    assert HiddenMSE(3, 5, 8, 8)(student, teacher, mask) > 0  # the spacing guess pairs other layers
+    assert HiddenMSE(3, 5, 8, 8).pairs == [(1, 2), (2, 3), (3, 5)]
+    for bad in ([0, 2], [0, 2, 5], [-1, 2, 3]):
+        with pytest.raises(ValueError, match="layer map"):
+            HiddenMSE(3, 5, 8, 8, layer_map=bad)
+
+
+def test_the_pruned_layers_reach_the_hidden_state_loss(data, student, tmp_path):
+    """distill_student hands the kept layers to the loss: a map that does not fit is refused."""
+    cfg = _cfg(teacher_source="online", hidden_weight=1.0, loss="forward_kl")
+    with pytest.raises(ValueError, match=r"layer map \[0\] does not fit"):
+        distill_student(student, data / "data", None, cfg, tmp_path / "out", teacher_dir=TEACHER, teacher_layers=[0])
 
 
 def test_gradient_accumulation_takes_the_same_steps(data, student, tmp_path):

@@ -38,6 +38,7 @@ class DistillJob(BaseModel):
     device: str = "cpu"
     log_path: Path | None = None
     trust_remote_code: bool = False
+    teacher_layers: list[int] | None = None  # the teacher layer each student layer came from (pruning)
 
 
 def teacher_dtype(name: str, device: str):
@@ -84,6 +85,7 @@ def run_job(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]
         tail=cfg.tail,
         hidden_weight=cfg.hidden_weight if kd else 0.0,
         chunk_size=cfg.chunk_size,
+        hidden_layer_map=tuple(job.teacher_layers) if kd and cfg.hidden_weight and job.teacher_layers else None,
     )
     params = count_params(model)
     metrics = train_causal_lm(
@@ -126,13 +128,15 @@ def distill_student(
     log_path: Path | None = None,
     teacher_dir: Path | None = None,
     trust_remote_code: bool = False,
+    teacher_layers: list[int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student_dir`` on ``data_dir`` into ``out_dir`` (a plain HF checkpoint).
 
     With ``use_teacher_logits`` the loss is ``kd_weight * KD + (1 - kd_weight) * CE`` against the
     cached top-k in ``logits_dir`` or, with ``cfg.teacher_source: online``, the model at
     ``teacher_dir``; without, it is CE on the teacher's completions (the SFT baseline).
-    ``log_path`` receives the loss curve as JSON lines. A crashed run resumes from its last
+    ``teacher_layers`` (the pruned student's kept layers, 0-based) pairs each student layer with the
+    teacher layer it came from in the hidden-state loss. ``log_path`` receives the loss curve as JSON lines. A crashed run resumes from its last
     checkpoint when called again with the same inputs (``cfg.save_steps``).
     """
     job = DistillJob(
@@ -146,6 +150,7 @@ def distill_student(
         device=device,
         log_path=log_path,
         trust_remote_code=trust_remote_code,
+        teacher_layers=teacher_layers,
     )
     if cfg.num_processes == 1:
         return run_job(job, progress)

@@ -62,6 +62,9 @@ class Objective:
     tail: str = "renormalize"
     hidden_weight: float = 0.0
     chunk_size: int | None = None
+    # The teacher layer (0-based) whose output each student layer matches in the hidden-state loss:
+    # a pruned student's kept layers. None: evenly spaced (``HiddenMSE``).
+    hidden_layer_map: tuple[int, ...] | None = None
 
 
 def encode_example(
@@ -257,15 +260,31 @@ def shared_vocab(student, teacher, student_tok=None, teacher_tok=None) -> int:
 class HiddenMSE(torch.nn.Module):
     """Layerwise hidden-state distillation (Minitron): MSE between student and teacher layer outputs.
 
-    Student layer ``j`` (1-based, of ``L_s``) is matched to teacher layer ``round(j * L_t / L_s)``, so
-    the last layers meet; one learned linear projection (student width to teacher width) is shared
-    by every layer where the widths differ. The value per token is the mean over matched layers and
-    channels of the squared difference.
+    Student layer ``j`` is matched to the teacher layer it came from when ``layer_map`` is given (the
+    pruned student's kept layers, 0-based), else (1-based, of ``L_s``) to teacher layer
+    ``round(j * L_t / L_s)``, so the last layers meet; one learned linear projection (student width
+    to teacher width) is shared by every layer where the widths differ. The value per token is the
+    mean over matched layers and channels of the squared difference.
     """
 
-    def __init__(self, student_layers: int, teacher_layers: int, student_width: int, teacher_width: int):
+    def __init__(
+        self,
+        student_layers: int,
+        teacher_layers: int,
+        student_width: int,
+        teacher_width: int,
+        layer_map: Sequence[int] | None = None,
+    ):
         super().__init__()
-        self.pairs = [(j, max(1, round(j * teacher_layers / student_layers))) for j in range(1, student_layers + 1)]
+        if layer_map is None:
+            self.pairs = [(j, max(1, round(j * teacher_layers / student_layers))) for j in range(1, student_layers + 1)]
+        elif len(layer_map) != student_layers or not all(0 <= i < teacher_layers for i in layer_map):
+            raise ValueError(
+                f"hidden-state layer map {list(layer_map)} does not fit a {student_layers}-layer student of a "
+                f"{teacher_layers}-layer teacher"
+            )
+        else:
+            self.pairs = [(j + 1, i + 1) for j, i in enumerate(layer_map)]
         self.proj = (
             torch.nn.Linear(student_width, teacher_width, bias=False) if student_width != teacher_width else None
         )
@@ -500,6 +519,7 @@ def train_causal_lm(
             teacher_model.config.num_hidden_layers,
             model.config.hidden_size,
             teacher_model.config.hidden_size,
+            objective.hidden_layer_map,
         ).to(device)
     fingerprint = _fingerprint(
         init_dir,
