@@ -136,8 +136,9 @@ def distill_student(
     cached top-k in ``logits_dir`` or, with ``cfg.teacher_source: online``, the model at
     ``teacher_dir``; without, it is CE on the teacher's completions (the SFT baseline).
     ``teacher_layers`` (the pruned student's kept layers, 0-based) pairs each student layer with the
-    teacher layer it came from in the hidden-state loss. ``log_path`` receives the loss curve as JSON lines. A crashed run resumes from its last
-    checkpoint when called again with the same inputs (``cfg.save_steps``).
+    teacher layer it came from in the hidden-state loss. ``log_path`` receives the loss curve as JSON
+    lines. A crashed run resumes from its last checkpoint when called again with the same inputs
+    (``cfg.save_steps``).
     """
     job = DistillJob(
         student_dir=student_dir,
