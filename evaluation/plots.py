@@ -58,28 +58,31 @@ def read_loss_log(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(logs: dict[str, Path], path: Path) -> Path | None:
-    """Training loss against step, one curve per trained model (KD: alpha*KD + (1-alpha)*CE; SFT: CE)."""
+    """Training loss against step, one curve per trained model (KD: alpha*KD + (1-alpha)*CE [+ w*hidden
+    MSE], with its terms; SFT: CE)."""
     curves = {name: read_loss_log(p) for name, p in logs.items() if Path(p).is_file()}
     curves = {n: c for n, c in curves.items() if c}
     if not curves:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(9.6, 3.6))
     for name, rows in curves.items():
         kd = any("kd" in r for r in rows)
-        what = "alpha*KD + (1-alpha)*CE" if kd else "CE"
+        hidden = any("hidden_mse" in r for r in rows)
+        what = ("alpha*KD + (1-alpha)*CE" + (" + w*hidden MSE" if hidden else "")) if kd else "CE"
         steps = [r["step"] for r in rows]
         ax.plot(steps, [r["loss"] for r in rows], label=f"{LABELS.get(name, name)}: {what}", color=COLORS.get(name))
-        # The KD run's two terms, dashed and dotted, so that their trade-off shows.
-        for part, style in (("kd", "--"), ("ce", ":")) if kd else ():
+        # The KD run's terms, dashed and dotted, so that their trade-off shows.
+        for part, style, title in (("kd", "--", "KD"), ("ce", ":", "CE"), ("hidden_mse", "-.", "hidden MSE")):
             pts = [(r["step"], r[part]) for r in rows if part in r]
-            ax.plot(*zip(*pts, strict=True), style, color=COLORS.get(name), alpha=0.7,
-                    label=f"{LABELS.get(name, name)}: {part.upper()}")  # fmt: skip
+            if kd and pts:
+                ax.plot(*zip(*pts, strict=True), style, color=COLORS.get(name), alpha=0.7,
+                        label=f"{LABELS.get(name, name)}: {title}")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("distill stage: training loss")
-    ax.legend()
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not on them
     ax.grid(alpha=0.3, which="both")
     return _save(fig, plt, path)
 

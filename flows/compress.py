@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -35,18 +36,23 @@ from flows.publish import publish
 from tasks.pipeline import Context, run_pipeline
 from tasks.stage import StageRunner
 
-# The dashboard form's defaults: the embedded demo. Built without validation so that importing
-# this module does not require the teacher directory to exist (a worker validates at run time).
-DEFAULT_CONFIG = PipelineConfig.model_construct(
-    **{
-        name: f.get_default(call_default_factory=True)
-        for name, f in PipelineConfig.model_fields.items()
-        if name != "teacher"
-    },
-    teacher=TeacherConfig.model_construct(
-        path="assets/teacher-tiny", revision=None, dtype="auto", trust_remote_code=False
-    ),
-)
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _dashboard_default() -> PipelineConfig:
+    """The dashboard form's defaults: the embedded demo, ``configs/tiny.yaml``.
+
+    Everything but the teacher is validated here; the teacher is left unvalidated so that importing
+    this module does not require its directory to exist (a worker validates the whole config at run
+    time).
+    """
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    fields = {name: f.get_default(call_default_factory=True) for name, f in TeacherConfig.model_fields.items()}
+    teacher = TeacherConfig.model_construct(**(fields | raw.pop("teacher")))
+    return PipelineConfig.model_validate(raw | {"teacher": teacher})
+
+
+DEFAULT_CONFIG = _dashboard_default()
 
 
 class PipelineResult(BaseModel):
