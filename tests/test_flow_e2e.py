@@ -107,12 +107,17 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_model_dir, prefect_home)
 
     # With the online teacher no student reads the logit cache, so generate runs again without
     # log-probs (about twice as fast) and both students train on its output; plan predicts it.
+    # The hidden-state loss pairs each student layer with the teacher layer it was pruned from.
     online = changed.model_copy(deep=True)
     online.distill.teacher_source = "online"
+    online.distill.hidden_weight = 0.1
     status = dict(cache_status(online, preflight(online, full=False)))
     assert status["prune"] == "cache hit"
     assert status["generate"] == status["distill_sft"] == status["distill_student"] == "will run"
     stages = compress_pipeline(online).summary["stages"]
     assert not stages["generate"]["cached"] and not stages["distill_student"]["cached"]
     assert not (run / "logits" / "cache.json").exists()
+    recorded = json.loads((run / "manifest.json").read_text())["stages"]
+    kept = recorded["prune"]["result"]["kept_layers"]
+    assert len(kept) == 2 and recorded["distill_student"]["result"]["hidden_layers"] == kept
     assert set(dict(cache_status(online, preflight(online, full=False))).values()) == {"cache hit"}
