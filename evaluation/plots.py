@@ -72,7 +72,7 @@ def plot_losses(logs: dict[str, Path], path: Path) -> Path | None:
         what = ("alpha*KD + (1-alpha)*CE" + (" + w*hidden MSE" if hidden else "")) if kd else "CE"
         steps = [r["step"] for r in rows]
         ax.plot(steps, [r["loss"] for r in rows], label=f"{LABELS.get(name, name)}: {what}", color=COLORS.get(name))
-        # The KD run's terms, dashed and dotted, so that their trade-off shows.
+        # The KD run's terms (dashed, dotted, dash-dotted), so that their trade-off shows.
         for part, style, title in (("kd", "--", "KD"), ("ce", ":", "CE"), ("hidden_mse", "-.", "hidden MSE")):
             pts = [(r["step"], r[part]) for r in rows if part in r]
             if kd and pts:

@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from compress.config import PipelineConfig, TeacherConfig
+from compress.config import PipelineConfig, TeacherConfig, load_yaml, validate
 from compress.lineage import code_version, package_versions, source_hash
 from compress.models import resolve_device
 from flows.plan import preflight, teacher_identity, write_eval_tasks
@@ -46,10 +46,10 @@ def _dashboard_default() -> PipelineConfig:
     this module does not require its directory to exist (a worker validates the whole config at run
     time).
     """
-    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    raw = load_yaml(DEMO_CONFIG)
     fields = {name: f.get_default(call_default_factory=True) for name, f in TeacherConfig.model_fields.items()}
     teacher = TeacherConfig.model_construct(**(fields | raw.pop("teacher")))
-    return PipelineConfig.model_validate(raw | {"teacher": teacher})
+    return validate(PipelineConfig, raw | {"teacher": teacher}, str(DEMO_CONFIG))
 
 
 DEFAULT_CONFIG = _dashboard_default()

@@ -113,16 +113,7 @@ def run_job(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]
         "teacher_source": cfg.teacher_source if kd else None,
         "processes": cfg.num_processes,
         "lora": cfg.lora is not None,
-        **_hidden_layers(objective),
     }
-
-
-def _hidden_layers(objective) -> dict[str, Any]:
-    """For the record: the teacher layer (0-based) each student layer matched in the hidden-state loss."""
-    if not objective.hidden_weight:
-        return {}
-    layers = objective.hidden_layer_map
-    return {"hidden_layers": list(layers) if layers is not None else "evenly spaced"}
 
 
 def distill_student(

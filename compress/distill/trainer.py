@@ -605,6 +605,8 @@ def train_causal_lm(
         "seconds": float(result.metrics.get("train_runtime", 0.0)),
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
     }
+    if hidden_mse is not None:  # for the record: the teacher layer (0-based) each student layer matched
+        metrics["hidden_layers"] = [i - 1 for _, i in hidden_mse.pairs]
     if main:
         _save_student(trainer.model, tokenizer, Path(out_dir), lora is not None)
         if log_path is not None:
