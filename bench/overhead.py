@@ -40,6 +40,7 @@ def direct(cfg, run_dir: Path) -> float:
     from compress.data.taskworld import read_jsonl
     from compress.distill.recipe import distill_student
     from compress.generate.launch import generate_data
+    from compress.hub import read_model_config
     from compress.models import load_tokenizer, resolve_device
     from compress.prune.prune import prune_model
     from evaluation.harness import evaluate_checkpoint
@@ -59,7 +60,7 @@ def direct(cfg, run_dir: Path) -> float:
         eval_texts(cfg.evaluate, tasks_dir),
         data,
         (cfg.prune.calibration_source, cfg.prune.calibration_samples),
-        max_prompt_tokens=cfg.generate.max_model_len - cfg.generate.max_tokens,
+        max_prompt_tokens=cfg.generate.max_prompt_tokens(read_model_config(teacher)),
     )
     rows = read_jsonl(data / "calibration.jsonl")
     prune_model(

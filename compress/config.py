@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -196,9 +198,18 @@ class BootstrapConfig(StrictModel):
 
 
 class TeacherConfig(StrictModel):
-    """The model to compress: a local checkpoint directory or a Hugging Face hub model id."""
+    """The model to compress: a local checkpoint directory, a GGUF file, or a Hugging Face hub model id.
 
-    path: str = Field(description="Local checkpoint directory, or a hub model id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    A GGUF teacher (``path: model.gguf``, or a directory plus ``gguf_file``) is converted once into
+    a stock checkpoint, cached by the file's sha256 (``compress.gguf``).
+    """
+
+    path: str = Field(
+        description="Local checkpoint directory, a GGUF file, or a hub model id such as Qwen/Qwen2.5-0.5B-Instruct."
+    )
+    gguf_file: str | None = Field(
+        default=None, description="A GGUF file inside the directory `path` to use as the teacher (converted once)."
+    )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit); hub ids only.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weights dtype for pruning and evaluation; auto = the checkpoint's own."
@@ -216,15 +227,60 @@ class TeacherConfig(StrictModel):
     @classmethod
     def _local_or_hub(cls, v: str) -> str:
         p = Path(v).expanduser()
+        if p.is_file() or (p.suffix.lower() == ".gguf" and not p.exists()):
+            return str(cls._gguf(p))
+        if p.is_dir() and any(p.glob("*.gguf")):
+            return str(p)  # config.json, or a GGUF named by gguf_file: checked below, with both fields
         if p.exists() or not HUB_ID.match(v):
             _existing_checkpoint(p)
             return str(p)
         return v  # a hub id: resolved (cache, then hub) before any stage starts
 
+    @model_validator(mode="after")
+    def _gguf_in_directory(self) -> TeacherConfig:
+        p = Path(self.path)
+        if self.gguf_file is None:
+            if p.is_dir() and not (p / "config.json").is_file():
+                names = ", ".join(sorted(f.name for f in p.glob("*.gguf")))
+                raise ValueError(f"path: '{p}' has no config.json: name one of its GGUF files in gguf_file ({names})")
+            return self
+        if not p.is_dir():
+            raise ValueError(f"gguf_file: names a file inside the directory path, and '{self.path}' is not a directory")
+        if Path(self.gguf_file).is_absolute():
+            raise ValueError(f"gguf_file: '{self.gguf_file}' must be a name inside path (or give the file as path)")
+        self._gguf(p / self.gguf_file, "gguf_file: ")
+        return self
+
+    @staticmethod
+    def _gguf(path: Path, field: str = "") -> Path:
+        """``path`` when it is a GGUF file (magic bytes only: the header is checked at conversion)."""
+        from compress.gguf import BAD_MAGIC, is_gguf
+
+        if not path.is_file():
+            raise ValueError(f"{field}GGUF file '{path}' not found")
+        if not is_gguf(path):
+            raise ValueError(f"{field}'{path}': {BAD_MAGIC}")
+        return path
+
     @property
     def is_local(self) -> bool:
-        """True when ``path`` is a local checkpoint directory (not a hub id)."""
-        return Path(self.path).is_dir()
+        """True when ``path`` is a local checkpoint directory or GGUF file (not a hub id)."""
+        return self.gguf_path is not None or Path(self.path).is_dir()
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The GGUF file this teacher is converted from (``path``, or ``gguf_file`` inside it); else None."""
+        p = Path(self.path)
+        if self.gguf_file is not None:
+            return p / self.gguf_file
+        return p if p.is_file() else None
+
+
+class StudentConfig(TeacherConfig):
+    """A student of your own to distill into (a local checkpoint or a hub id): pruning is skipped.
+
+    It must share the teacher's tokenizer (vocabulary and chat template); ``plan`` checks both.
+    """
 
 
 class TaskWorldSource(StrictModel):
@@ -272,6 +328,62 @@ class DatasetSource(StrictModel):
         return f"{self.path}:{','.join(files)}" if files else self.path
 
 
+class SelfInstructSource(StrictModel):
+    """Prompts the teacher writes itself (Magpie, Xu et al. 2024): no dataset needed.
+
+    The teacher is given only its chat template's opening of a user turn (the pre-query template)
+    and writes the user message; the filtered, deduplicated messages are training prompts, and the
+    first ``heldout`` of them (in a seeded order) are held out for evaluation. The teacher is served
+    as ``generate`` says (vLLM, an endpoint, or transformers); a re-draw is exactly the same with
+    transformers or with ``generate.dtype: float32`` (bfloat16 logits depend on the server's batching).
+    """
+
+    type: Literal["self_instruct"] = "self_instruct"
+    n: int = Field(default=1000, ge=1, description="Prompts kept for training.")
+    heldout: int = Field(default=64, ge=0, description="Prompts split off for evaluation (data/heldout_prompts.jsonl).")
+    seed: int = Field(default=0, description="Seed of the draws (one per candidate) and of the held-out split.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (Magpie's 1.0; 0 would repeat).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of the user messages.")
+    max_tokens: int = Field(default=128, ge=1, description="Longest user message, tokens (longer ones are dropped).")
+    min_chars: int = Field(default=10, ge=1, description="Shortest user message kept, characters (stripped).")
+    max_chars: int = Field(default=2000, ge=1, description="Longest user message kept, characters (stripped).")
+    max_compression_ratio: float = Field(
+        default=3.0,
+        gt=1,
+        description="Drop a message whose length over its DEFLATE-compressed length exceeds this: a loop "
+        "(prose and code stay below 3; see compress.data.self_instruct.compression_ratio).",
+    )
+    system_prompt: str | None = Field(
+        default=None, description="System turn before the user turn; unset = the chat template's own default."
+    )
+    oversample: float = Field(
+        default=3.0, ge=1, description="At most this many candidates drawn per prompt wanted (n + heldout)."
+    )
+    weight: float = Field(default=1.0, gt=0, description="Share in the mixture (with data.num_samples).")
+    limit: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> SelfInstructSource:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must not exceed max_chars ({self.max_chars})")
+        return self
+
+    @property
+    def label(self) -> str:
+        """A short name for reports and the rows' ``source``."""
+        return "self_instruct"
+
+    @property
+    def wanted(self) -> int:
+        """Prompts this source keeps: training plus held out."""
+        return self.n + self.heldout
+
+    @property
+    def max_draws(self) -> int:
+        """The most candidates drawn: ``oversample`` per prompt wanted."""
+        return math.ceil(self.oversample * self.wanted)
+
+
 def _source_tag(v: Any) -> str:
     if isinstance(v, dict):
         return v.get("type", "dataset")
@@ -279,7 +391,9 @@ def _source_tag(v: Any) -> str:
 
 
 DataSource = Annotated[
-    Annotated[TaskWorldSource, Tag("taskworld")] | Annotated[DatasetSource, Tag("dataset")],
+    Annotated[TaskWorldSource, Tag("taskworld")]
+    | Annotated[DatasetSource, Tag("dataset")]
+    | Annotated[SelfInstructSource, Tag("self_instruct")],
     Discriminator(_source_tag),
 ]
 
@@ -421,6 +535,10 @@ class SelfDistillConfig(StrictModel):
         return self
 
 
+# The context a chat model is served with when generate.max_model_len is unset (capped: a KV cache
+# for 128k tokens is not what a distillation run needs, and the CPU backend's cache is small).
+DEFAULT_CONTEXT = 4096
+
 # Generate settings that change how the teacher is reached or paced, never what it writes: out of the
 # shards' fingerprint (a resume may change them) and out of the stage's cache key.
 GENERATE_RUNTIME_FIELDS = frozenset({
@@ -453,9 +571,10 @@ class GenerateConfig(StrictModel):
     )
     top_k: int = Field(default=20, ge=1, description="Teacher log-probs kept per token (our server allows this many).")
     draws: int = Field(default=50, ge=1, le=65535, description="Draws per token for logits: sampled.")
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=256, ge=1, description="Longest completion, in tokens.")
     stop: list[str] = Field(
-        default=["\n"], description="Stop strings (kept in the output); [] = stop at the model's EOS only."
+        default_factory=list,
+        description="Stop strings (kept in the output); [] = stop at the model's EOS (a chat model's end of turn).",
     )
     temperature: float = Field(default=0.0, ge=0)
     seed: int = Field(
@@ -465,7 +584,12 @@ class GenerateConfig(StrictModel):
     prompts_per_request: int = Field(default=64, ge=1)
     concurrency: int = Field(default=4, ge=1)
     dtype: Literal["bfloat16", "float32", "auto"] = "bfloat16"
-    max_model_len: int = Field(default=128, ge=16)
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Context served (prompt + completion); unset = the teacher's max_position_embeddings, "
+        f"at most {DEFAULT_CONTEXT}. Longer prompts are dropped and counted.",
+    )
     kv_cache_gib: int = Field(default=1, ge=1)
     server_threads: int | None = Field(
         default=None, ge=1, description="OMP threads of our vLLM server (CPU); None = vLLM's choice."
@@ -478,7 +602,23 @@ class GenerateConfig(StrictModel):
     def _check(self) -> GenerateConfig:
         if self.backend == "hf" and self.endpoint is not None:
             raise ValueError("generate.endpoint: only with backend vllm (hf runs the teacher in process)")
+        if self.max_model_len is not None and self.max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must be below max_model_len ({self.max_model_len}): "
+                "no room is left for a prompt"
+            )
         return self
+
+    def context_length(self, model_config: dict[str, Any]) -> int:
+        """The context the teacher is served with: ``max_model_len``, or sized from the model's config."""
+        if self.max_model_len is not None:
+            return self.max_model_len
+        tc = model_config.get("text_config") or model_config
+        return min(int(tc.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+
+    def max_prompt_tokens(self, model_config: dict[str, Any]) -> int:
+        """The longest prompt that leaves room for ``max_tokens`` of completion (longer ones are dropped)."""
+        return self.context_length(model_config) - self.max_tokens
 
 
 class LoraConfig(StrictModel):
@@ -530,7 +670,8 @@ class DistillConfig(StrictModel):
     save_steps: int = Field(
         default=100, ge=0, description="Checkpoint every N steps; a crashed stage resumes from the last (0 = never)."
     )
-    train: TrainConfig = TrainConfig(max_steps=800, batch_size=64, learning_rate=2e-3)
+    # Defaults for a pre-trained student (the task world's toy configs set their own, much larger, rate).
+    train: TrainConfig = TrainConfig(max_steps=1000, batch_size=32, learning_rate=1e-4, warmup_ratio=0.03)
     sft_baseline: bool = Field(default=True, description="Also train a CE-only student on the same data.")
 
     @model_validator(mode="after")
@@ -565,6 +706,15 @@ class EvalServingConfig(StrictModel):
     throughput_concurrency: int = Field(default=16, ge=1, description="Throughput requests in flight at once.")
 
 
+class FidelityConfig(StrictModel):
+    """Fidelity to the teacher on held-out prompts (``evaluation.fidelity``): KL(teacher || model) and
+    top-1 agreement along the teacher's greedy answers. The prompts are those a data source holds
+    out (``self_instruct``'s ``heldout``)."""
+
+    prompts: int = Field(default=64, ge=1, description="Held-out prompts scored (the first N).")
+    max_new_tokens: int = Field(default=128, ge=1, description="Length of the teacher's greedy answers.")
+
+
 class EvaluateConfig(StrictModel):
     """lm-eval on every model: the task world's held-out split, any installed task, local task YAMLs."""
 
@@ -580,6 +730,9 @@ class EvaluateConfig(StrictModel):
     )
     batch_size: int | Literal["auto"] = 64
     max_gen_toks: int = Field(default=16, ge=1, description="Generation budget of the taskworld task.")
+    humaneval_max_gen_toks: int = Field(
+        default=256, ge=1, description="Generation budget of humaneval_pass1 (163 of 164 solutions fit in 256)."
+    )
     apply_chat_template: bool = Field(default=False, description="Render prompts with the model's chat template.")
     fewshot_as_multiturn: bool = Field(default=False, description="Few-shot examples as chat turns.")
     headline: str | None = Field(
@@ -593,6 +746,9 @@ class EvaluateConfig(StrictModel):
     )
     throughput: bool | None = Field(
         default=None, description="Measure each model's vLLM serving tokens/s; unset = only with backend vllm."
+    )
+    fidelity: FidelityConfig | None = Field(
+        default=None, description="Score fidelity to the teacher too (task 'fidelity': kl, top1_agreement)."
     )
     gates: list[str] = Field(
         default_factory=list,
@@ -609,12 +765,16 @@ class EvaluateConfig(StrictModel):
 
     @field_validator("gates")
     @classmethod
-    def _gates_parse(cls, v: list[str]) -> list[str]:
-        from compress.gates import parse_gate
+    def _gates_parse(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        from compress.gates import check_gate_direction, parse_gate
 
+        # A named headline's direction is known now: refuse a bare gate that reads it the wrong way.
+        task, _, metric = (info.data.get("headline") or "").partition("/")
         for i, text in enumerate(v):
             try:
                 parse_gate(text)
+                if metric:
+                    check_gate_direction(text, (task, metric))
             except ValueError as e:
                 raise ValueError(f"[{i}] {e}") from None
         return v
@@ -689,6 +849,10 @@ class PipelineConfig(StrictModel):
     data: DataConfig | None = Field(
         default=None, description="Training prompts; unset = the task world's training split as drawn."
     )
+    student: StudentConfig | None = Field(
+        default=None,
+        description="Distill into this checkpoint instead of a pruned teacher (same tokenizer); prune is skipped.",
+    )
     prune: PruneConfig = PruneConfig()
     generate: GenerateConfig = GenerateConfig()
     distill: DistillConfig = DistillConfig()
@@ -760,7 +924,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {loc}: {msg}{more}"
 
 
-_UNION_TAGS = {"taskworld", "dataset"}
+_UNION_TAGS = {"taskworld", "dataset", "self_instruct"}
 
 
 def _format_loc(loc: tuple) -> str:

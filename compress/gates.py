@@ -17,6 +17,24 @@ lm-eval's names (``taskworld`` for the built-in held-out split); a metric with a
 as in ``student.gsm8k.exact_match,strict-match``. Any other name can be quoted:
 ``student.'my.task'.acc``. Nothing is ``eval``-ed: the text is tokenised and parsed here, so a
 typo is a one-line error at config load, and an unknown model at preflight.
+
+Direction. A gate is an inequality the user writes, so it means exactly what it says: for a
+lower-is-better metric (``compress.metrics``: perplexities, bits per byte, KL, ...) a gate that
+bounds a student from above is the natural one::
+
+    student.pydoc_ppl.word_perplexity <= 1.2 * teacher.pydoc_ppl.word_perplexity
+    student.fidelity.kl <= 0.05
+
+Values are read as recorded, never inverted. The one exception is the bare shorthand ``student``,
+which hides the metric and reads like "keeps 90% of the teacher's score": when the headline is
+lower-is-better, a gate that asks its subject (the first bare model name other than the teacher,
+the reference) for a *higher* headline, such as ``student >= 0.9 * teacher`` or ``student /
+teacher >= 0.9``, would pass a worse model, so it is refused with a one-line hint
+(``check_gate_direction``): at config load when ``evaluate.headline`` names the metric, and when
+the gates are judged otherwise (the headline's direction is then the one lm-eval recorded, a gate
+refused there counts as failed, with the hint). ``student <= 1.2 * teacher`` and ``teacher /
+student >= 0.8`` are the right-way-round forms. A gate that spells the metric out is taken as
+written, whichever way it points.
 """
 
 from __future__ import annotations
@@ -27,6 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from compress.metrics import lower_is_better, models_lower_is_better
+
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
     "<=": operator.le,
@@ -35,6 +55,7 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "==": lambda a, b: abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b)),
 }
 SPECIAL = ("params", "throughput")
+REFERENCE = "teacher"  # the model a gate measures the others against
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -167,6 +188,73 @@ def _refs(node: Any) -> list[Ref]:
     return []
 
 
+def _const(node: Any) -> float | None:
+    """The value of a subtree without references, or None when it has one."""
+    if isinstance(node, float):
+        return node
+    if isinstance(node, Ref):
+        return None
+    op, a, b = node
+    x, y = _const(a), _const(b)
+    if x is None or y is None or (op == "/" and y == 0):
+        return None
+    return {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
+
+
+def _polarity(node: Any, sign: float = 1.0) -> list[tuple[Ref, float]]:
+    """Each reference with the sign of its effect on ``node``'s value (metrics taken as positive)."""
+    if isinstance(node, Ref):
+        return [(node, sign)]
+    if isinstance(node, float):
+        return []
+    op, a, b = node
+    ca, cb = _const(a), _const(b)
+    if op == "+":
+        return _polarity(a, sign) + _polarity(b, sign)
+    if op == "-":
+        return _polarity(a, sign) + _polarity(b, -sign)
+    if op == "*" and ca is not None:
+        return _polarity(b, sign * ca)
+    if op == "*" and cb is not None:
+        return _polarity(a, sign * cb)
+    if op == "/" and cb:
+        return _polarity(a, sign / cb)
+    return _polarity(a, sign) + _polarity(b, sign if op == "*" else -sign)
+
+
+def demands_higher(gate: Gate, ref: Ref) -> bool:
+    """Whether the gate is easier to meet the higher ``ref`` is (``student >= 0.9 * teacher``: yes
+    for student, no for teacher); ``==`` demands neither."""
+    if gate.op == "==":
+        return False
+    side = 1.0 if gate.op in (">=", ">") else -1.0
+    effect = sum(s for r, s in _polarity(gate.left) if r == ref) - sum(s for r, s in _polarity(gate.right) if r == ref)
+    return side * effect > 0
+
+
+def check_gate_direction(text: str, headline: tuple[str, str], lower: bool | None = None, where: str = "") -> None:
+    """Refuse a gate that asks a bare model name for a higher headline when lower is better.
+
+    ``headline`` is the (task, metric) a bare name stands for (``("pydoc_ppl", "word_perplexity")``);
+    ``lower`` its direction when known (recorded by lm-eval), else the metric's name decides.
+    ``GateError`` with a one-line hint.
+    """
+    task, metric = headline
+    if not (lower if lower is not None else lower_is_better(metric)):
+        return
+    gate = parse_gate(text)
+    bare = [r for r in gate.refs() if r.task is None and r.metric is None]
+    # The model being judged: the teacher is the reference the others are measured against.
+    subject = next((r for r in bare if r.model != REFERENCE), bare[0] if bare else None)
+    if subject is not None and demands_higher(gate, subject):
+        where = where or f"'{text}'"
+        raise GateError(
+            f"{where}: asks '{subject.model}' for a higher headline, but {metric} is lower-is-better, so it "
+            f"would pass a worse model; bound it from above (e.g. '{subject.model} <= 1.1 * teacher') or name "
+            f"the metric ('{subject.model}.{task or 'TASK'}.{metric} ...')"
+        )
+
+
 def check_gate_models(gates: list[str], models: list[str], where: str = "evaluate.gates") -> None:
     """Every model a gate names is one the run evaluates (``GateError`` naming the gate otherwise)."""
     for i, text in enumerate(gates):
@@ -213,6 +301,7 @@ def check_gate(text: str, models: dict[str, dict[str, Any]], headline: tuple[str
     """Evaluate one gate, ``evaluate.gates[index]`` (see ``check_gates``)."""
     gate = parse_gate(text)
     where = f"evaluate.gates[{index}]: '{text}'"
+    check_gate_direction(text, headline, models_lower_is_better(models, *headline), where)
     values: dict[str, float] = {}
 
     def value(node: Any) -> float:

@@ -1,10 +1,12 @@
-"""Find a model: a local checkpoint directory or a Hugging Face hub id (local cache first, then the hub).
+"""Find a model: a local checkpoint directory, a GGUF file, or a Hugging Face hub id (cache, then hub).
 
 Nothing here imports torch or loads weights, so ``distillflow plan`` can describe a teacher in well
-under a second. A hub id resolves to its snapshot directory in the Hugging Face cache; every stage,
-the vLLM server and lm-eval are then given that directory, so they never go to the network
-themselves. The identity of a hub teacher is ``hub:<id>@<commit>`` (the hub's own content address);
-a local teacher is identified by the sha256 of its files.
+under a second; the one exception is a GGUF teacher's first use, which converts the file into a
+cached checkpoint (``compress.gguf``). A hub id resolves to its snapshot directory in the Hugging
+Face cache, a GGUF file to its converted directory; every stage, the vLLM server and lm-eval are
+then given that directory, so they never go to the network themselves. The identity of a hub
+teacher is ``hub:<id>@<commit>`` (the hub's own content address), of a GGUF teacher
+``gguf:<sha256 of the file>``; a local teacher is identified by the sha256 of its files.
 """
 
 from __future__ import annotations
@@ -30,11 +32,25 @@ class ResolvedModel:
     path: Path
     hub_id: str | None = None
     commit: str | None = None
+    gguf_file: Path | None = None  # the GGUF file ``path`` was converted from
+    gguf_sha256: str | None = None  # that file's sha256
 
     @property
     def identity(self) -> str | None:
-        """``hub:<id>@<commit>`` for a hub model; None for a local one (hash its files instead)."""
+        """``hub:<id>@<commit>`` for a hub model, ``gguf:<sha256>`` for a GGUF file; None for a local
+        checkpoint (hash its files instead)."""
+        if self.gguf_sha256:
+            return f"gguf:{self.gguf_sha256}"
         return f"hub:{self.hub_id}@{self.commit}" if self.hub_id else None
+
+    def lineage(self) -> dict[str, Any]:
+        """Where the model came from, for a run's manifest: its directory, and its hub id or GGUF source."""
+        out: dict[str, Any] = {"path": str(self.path)}
+        if self.hub_id:
+            out |= {"hub_id": self.hub_id, "commit": self.commit}
+        if self.gguf_file is not None:
+            out["gguf"] = {"file": str(self.gguf_file), "sha256": self.gguf_sha256}
+        return out
 
 
 def offline() -> bool:
@@ -68,8 +84,15 @@ def resolve_model(cfg: TeacherConfig, download: bool) -> ResolvedModel:
 
     With ``download=False`` only ``config.json`` (and the tokenizer files) are fetched for a hub id;
     with ``download=True`` the whole snapshot. Raises ``ConfigError`` (one line naming the id) when
-    the id is neither cached nor reachable.
+    the id is neither cached nor reachable. A GGUF teacher resolves to its converted checkpoint
+    (converted on first use, then cached; ``compress.gguf.GGUFError`` names the file when it cannot be).
     """
+    if cfg.gguf_path is not None:
+        from compress.gguf import gguf_checkpoint
+
+        field = "teacher.gguf_file" if cfg.gguf_file else "teacher.path"
+        ck = gguf_checkpoint(cfg.gguf_path, field=field)
+        return ResolvedModel(ck.path, gguf_file=ck.source, gguf_sha256=ck.sha256)
     if cfg.is_local:
         return ResolvedModel(Path(cfg.path).resolve())
     from huggingface_hub import snapshot_download

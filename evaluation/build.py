@@ -8,10 +8,10 @@ Reads only the run directory:
 - ``manifest.json``: lineage for the model card; ``logs/train-*.jsonl``: loss curves;
   ``plots/importance.png``: written by the prune stage.
 
-and writes ``summary.json``, ``report.md``, ``plots/scores.png``, ``plots/loss.png`` and, for a
-pipeline run, the model card ``student/README.md``. The flows call it after the last stage;
-``distillflow report RUN_DIR`` calls it on a finished run, so a report can be rebuilt (say after
-changing gates) without Prefect and without re-running anything.
+and writes ``summary.json``, ``report.md``, ``plots/scores.png``, ``plots/vs_teacher.png``,
+``plots/loss.png`` and, for a pipeline run, the model card ``student/README.md``. The flows call it
+after the last stage; ``distillflow report RUN_DIR`` calls it on a finished run, so a report can be
+rebuilt (say after changing gates) without Prefect and without re-running anything.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from compress.gates import GateError, check_gate
 from compress.lineage import read_json, write_json
 from evaluation.harness import LANGUAGE_FLOOR, headline, language_nll
 from evaluation.model_card import model_card
-from evaluation.plots import plot_losses, plot_score_vs_params
+from evaluation.plots import plot_losses, plot_score_vs_params, plot_vs_teacher
 from evaluation.report import build_summary, markdown_report
 
 RESULTS = Path("eval") / "results.json"
@@ -77,6 +77,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         summary["language_floor"] = floor
 
     plots = [plot_score_vs_params(summary, run_dir / "plots" / "scores.png")]
+    vs_teacher = plot_vs_teacher(summary, run_dir / "plots" / "vs_teacher.png", evaluate.tasks)
+    plots += [vs_teacher] if vs_teacher else []
     logs = {name: run_dir / "logs" / f"train-{name}.jsonl" for name in ("student", "sft")}
     loss = plot_losses(logs, run_dir / "plots" / "loss.png")
     plots += [loss] if loss else []

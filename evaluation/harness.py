@@ -28,7 +28,17 @@ from compress.config import TASKWORLD_TASK, EvaluateConfig
 from compress.data.taskworld import END, LANG, write_jsonl
 from compress.lineage import write_json
 from compress.serving.vllm_server import VLLMServer
-from evaluation.tasks import LANGUAGE_LM_EVAL, LANGUAGE_TASK, TASKWORLD_LM_EVAL, family_task, lm_eval_names
+from evaluation.tasks import (
+    HUMANEVAL_PASS1,
+    LANGUAGE_LM_EVAL,
+    LANGUAGE_TASK,
+    SHIPPED_TASKS,
+    TASKWORLD_LM_EVAL,
+    family_task,
+    humaneval_max_gen_toks,
+    lm_eval_names,
+    ours_name,
+)
 
 if TYPE_CHECKING:
     from compress.data.language import Language
@@ -178,7 +188,9 @@ def evaluate_checkpoint(
         out["samples"] = {_ours(t): _outcomes(rows) for t, rows in (results.get("samples") or {}).items()}
     n = {_ours(t): v.get("effective") for t, v in (results.get("n-samples") or {}).items()}
     families = family_scores((results.get("samples") or {}).get(TASK_NAME) or [])
-    scores = with_families(parse_scores(results["results"]), {f: v for f, (v, _) in families.items()})
+    scores = with_families(
+        parse_scores(results["results"], results.get("higher_is_better")), {f: v for f, (v, _) in families.items()}
+    )
     return out | {
         "scores": scores,
         "n": n | {f: count for f, (_, count) in families.items()},
@@ -292,11 +304,12 @@ def _run_lm_eval(
 
     from evaluation.tasks import task_manager
 
+    tm = task_manager(cfg, taskworld_dir)
     return lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,
-        tasks=lm_eval_names(cfg, taskworld_dir),
-        task_manager=task_manager(cfg, taskworld_dir),
+        tasks=_with_budgets(lm_eval_names(cfg, taskworld_dir), tm, cfg),
+        task_manager=tm,
         num_fewshot=cfg.num_fewshot,
         batch_size=cfg.batch_size,
         limit=cfg.limit,
@@ -308,6 +321,22 @@ def _run_lm_eval(
         fewshot_random_seed=seed,
         log_samples=log_samples,
     )
+
+
+def _with_budgets(names: list[str], tm: Any, cfg: EvaluateConfig) -> list[Any]:
+    """``names``, with ``humaneval_pass1`` loaded as a task that has the configured generation budget
+    (and, in process, all of HumanEval's stop sequences: a server takes only some of them)."""
+    from evaluation.realtext import HUMANEVAL_SERVER_STOP, HUMANEVAL_STOP
+
+    pass1 = SHIPPED_TASKS[HUMANEVAL_PASS1]
+    if pass1 not in names:
+        return names
+    task = tm.load([pass1])["tasks"][pass1]
+    stop = HUMANEVAL_STOP if cfg.backend == "hf" else HUMANEVAL_SERVER_STOP
+    task.set_config(
+        key="generation_kwargs", value={"max_gen_toks": humaneval_max_gen_toks(cfg), "until": list(stop)}, update=True
+    )
+    return [task if n == pass1 else n for n in names]
 
 
 def serving_dtype(model_dir: Path, dtype: str) -> str:
@@ -346,11 +375,19 @@ def serve_for_eval(
     return server
 
 
-def parse_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """lm-eval's ``results`` as ``{task: {metric: {"value", "stderr"}}}`` (numeric metrics only)."""
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
+def parse_scores(
+    results: dict[str, dict[str, Any]], higher_is_better: dict[str, dict[str, bool | None]] | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """lm-eval's ``results`` as ``{task: {metric: {"value", "stderr"}}}`` (numeric metrics only).
+
+    ``higher_is_better`` is the section of that name in what ``simple_evaluate`` returns (``{task:
+    {metric: bool}}``, metrics without their filter); where it records a direction, the score keeps
+    it as ``"higher_is_better"`` (``compress.metrics.lower_is_better`` prefers it to the name).
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for task, res in results.items():
-        metrics: dict[str, dict[str, float | None]] = {}
+        directions = (higher_is_better or {}).get(task) or {}
+        metrics: dict[str, dict[str, Any]] = {}
         for key, value in res.items():
             if "," not in key or "_stderr," in key or not isinstance(value, int | float) or isinstance(value, bool):
                 continue
@@ -361,14 +398,17 @@ def parse_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict
                 "value": float(value),
                 "stderr": float(stderr) if isinstance(stderr, int | float) else None,
             }
+            if isinstance(directions.get(name), bool):
+                metrics[label]["higher_is_better"] = directions[name]
         if metrics:
             out[_ours(task)] = metrics
     return out
 
 
 def _ours(task: str) -> str:
-    """lm-eval's task name as results show it: the task world's are ``taskworld`` and ``language``."""
-    return {TASK_NAME: TASKWORLD_TASK, LANGUAGE_LM_EVAL: LANGUAGE_TASK}.get(task, task)
+    """lm-eval's task name as results show it: the task world's are ``taskworld`` and ``language``, the
+    shipped tasks' their own (``pydoc_ppl``)."""
+    return {TASK_NAME: TASKWORLD_TASK, LANGUAGE_LM_EVAL: LANGUAGE_TASK}.get(task, ours_name(task))
 
 
 def language_nll(scores: dict[str, dict[str, dict[str, float | None]]]) -> float | None:

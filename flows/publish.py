@@ -16,9 +16,10 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from compress.gates import GateFailed
+from compress.lineage import read_json
 from compress.models import checkpoint_params
 from evaluation.build import build_report, failed_gates, write_run_files
-from evaluation.report import table_rows
+from evaluation.report import table_rows, tokens_trained
 
 
 def publish(
@@ -32,8 +33,10 @@ def publish(
     """Write the run's report files, publish them as artifacts, then enforce ``evaluate.gates``.
 
     ``evaluated`` maps a model name to its evaluate stage's result (``path``, ``scores``, ``n``,
-    ``backend``, ``throughput``); ``stages`` is the runner's record of this run's stages.
+    ``backend``, ``throughput``); ``stages`` is the runner's record of this run's stages (seconds,
+    peak RSS). Each model's ``tokens_trained`` comes from its distill stage's record in the manifest.
     """
+    trained = tokens_trained(read_json(Path(run_dir) / "manifest.json", default={}) or {})
     models: dict[str, dict[str, Any]] = {}
     for name, res in evaluated.items():
         path = Path(res["path"])
@@ -44,6 +47,7 @@ def publish(
             "path": str(path),
             "backend": res.get("backend", "hf"),
             "serving": res.get("throughput"),
+            "tokens_trained": trained.get(name),
         }
     write_run_files(run_dir, models, stages, data)
     summary = build_report(run_dir)
@@ -54,7 +58,8 @@ def publish(
     create_table_artifact(
         table=table_rows(summary),
         key=f"{artifact_prefix}-results",
-        description=f"run {run_name}: every model on every task (lm-eval, ± stderr), parameters, vLLM tokens/s",
+        description=f"run {run_name}: every model on every task (lm-eval, ± stderr; ↑ higher / ↓ lower is better), "
+        "parameters, tokens trained, vLLM tokens/s",
     )
     failed = failed_gates(summary)
     if failed:

@@ -9,10 +9,11 @@ named and looked up by the runner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.config import GENERATE_RUNTIME_FIELDS, DatasetSource, EvaluateConfig, PipelineConfig, config_hash
+from compress.data.sources import HELDOUT_PROMPTS
 from tasks.stage import Done, Stage
 
 # Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
@@ -21,6 +22,9 @@ KD_FIELDS = {
     *("loss", "kd_weight", "temperature", "skew_alpha", "jsd_beta", "tail"),
     *("teacher_source", "teacher_dtype", "hidden_weight"),
 }
+# Generate settings that decide what a self-instruct source's teacher writes (vLLM or transformers, the
+# weights' dtype): in the prepare key when one is used. The sampling settings are the source's own.
+SELF_INSTRUCT_FIELDS = {"backend", "dtype"}
 # Settings that change how results are reported and judged, not the results: out of the evaluate key.
 EVALUATE_REPORT_FIELDS = {"headline", "gates"}
 
@@ -35,6 +39,9 @@ class Context:
     eval_id: str  # identity of the evaluation sets (task names, held-out split, task YAMLs)
     tasks_dir: Path  # the task world's lm-eval task, when evaluated
     device: str
+    model_config: dict = field(default_factory=dict)  # the teacher's config.json (sizes the served context)
+    student_dir: Path | None = None  # a student of the user's own (student.path): no pruning
+    student_id: str | None = None  # its content identity
 
 
 def generate_unused(gen) -> set[str]:
@@ -62,28 +69,44 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
     done: dict[str, Done] = {}
     data_dir, logits_dir = d / "data", d / "logits"
 
+    # A self-instruct source draws prompts from the teacher: what it writes depends on how it is run (the
+    # backend and dtype of generate), and the stage serves a model (heavy) unless an endpoint does.
+    self_instruct = any(s.type == "self_instruct" for s in c.effective_data().sources)
     done["prepare"] = prep = run(
         Stage(
             name="prepare",
             task="prepare",
-            params={"cfg": c, "teacher_dir": t, "tasks_dir": str(ctx.tasks_dir), "out_dir": str(data_dir)},
+            params={
+                "cfg": c,
+                "teacher_dir": t,
+                "tasks_dir": str(ctx.tasks_dir),
+                "out_dir": str(data_dir),
+                "device": ctx.device,
+            },
             key=[
                 c.effective_data(),
                 config_hash(c.taskworld) if c.uses_taskworld else "-",
                 config_hash(c.prune, include={"calibration_samples", "calibration_source"}),
                 _sources_content(c),
-                c.generate.max_model_len - c.generate.max_tokens,  # the prompt-length filter
+                c.generate.max_prompt_tokens(ctx.model_config),  # the prompt-length filter
                 ctx.teacher_id,  # its tokenizer and chat template
                 ctx.eval_id,  # decontamination
+                *([config_hash(c.generate, include=SELF_INSTRUCT_FIELDS), _hf_device(c, ctx)] if self_instruct else []),
             ],
             inputs={"teacher": ctx.teacher_id, "eval_sets": ctx.eval_id},
-            outputs={"prompts": data_dir / "prompts.jsonl", "calibration": data_dir / "calibration.jsonl"},
+            outputs={
+                "prompts": data_dir / "prompts.jsonl",
+                "calibration": data_dir / "calibration.jsonl",
+                **({"heldout": data_dir / HELDOUT_PROMPTS} if self_instruct else {}),
+            },
             config=c.effective_data(),
-            heavy=False,
+            heavy=self_instruct and c.generate.endpoint is None,
         )
     )
     done["prune"] = pruned = run(
-        Stage(
+        adopt_stage(ctx, d / "pruned")
+        if ctx.student_dir is not None
+        else Stage(
             name="prune",
             task="prune",
             params={
@@ -169,6 +192,16 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
             )
         )
         models[name] = (d / name, trained.hashes.get(name))
+    fidelity = None
+    if c.evaluate.fidelity is not None:
+        # Every model is scored along the teacher's greedy answers to the prompts a source held out.
+        fidelity = {
+            "teacher_dir": t,
+            "teacher_id": ctx.teacher_id,
+            "prompts": str(data_dir / HELDOUT_PROMPTS),
+            "prompts_sha": prep.hashes.get("heldout"),
+            "cache_dir": str(d / "eval" / "fidelity"),
+        }
     for name, (model_dir, model_sha) in models.items():
         done[f"evaluate_{name}"] = run(
             evaluate_stage(
@@ -182,9 +215,23 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                 dtype,
                 remote,
                 d / "logs",
+                fidelity,
             )
         )
     return done
+
+
+def adopt_stage(ctx: Context, out_dir: Path) -> Stage:
+    """The prune stage of a run with a student of the user's own: copy it where the pruned student goes."""
+    return Stage(
+        name="prune",
+        task="adopt",
+        params={"student_dir": str(ctx.student_dir), "teacher_dir": str(ctx.teacher_dir), "out_dir": str(out_dir)},
+        key=[ctx.student_id, ctx.teacher_id],
+        inputs={"student": ctx.student_id, "teacher": ctx.teacher_id},
+        outputs={"pruned": out_dir},
+        heavy=False,
+    )
 
 
 def evaluate_stage(
@@ -198,8 +245,13 @@ def evaluate_stage(
     dtype: str,
     trust_remote_code: bool,
     log_dir: Path,
+    fidelity: dict | None = None,
 ) -> Stage:
-    """lm-eval of one checkpoint on every task: the pipeline's evaluations and the evaluate-only flow's."""
+    """lm-eval of one checkpoint on every task: the pipeline's evaluations and the evaluate-only flow's.
+
+    ``fidelity`` (the teacher, its identity and the held-out prompts) adds the fidelity scores.
+    """
+    fid_key = [fidelity["teacher_id"], fidelity["prompts_sha"]] if fidelity else []
     return Stage(
         name=f"evaluate_{name}",
         task="evaluate",
@@ -212,11 +264,17 @@ def evaluate_stage(
             "dtype": dtype,
             "trust_remote_code": trust_remote_code,
             "log_dir": str(log_dir),
+            "fidelity": {k: v for k, v in fidelity.items() if k != "prompts_sha"} if fidelity else None,
         },
-        key=[config_hash(evaluate, exclude=EVALUATE_REPORT_FIELDS), eval_id, model_sha, dtype, device],
+        key=[config_hash(evaluate, exclude=EVALUATE_REPORT_FIELDS), eval_id, model_sha, dtype, device, *fid_key],
         inputs={"model": model_sha, "eval_sets": eval_id},
         config=evaluate,
     )
+
+
+def _hf_device(cfg: PipelineConfig, ctx: Context) -> str:
+    """The device transformers samples on (backend hf); a vLLM server's device is not ours to choose."""
+    return ctx.device if cfg.generate.backend == "hf" else "served"
 
 
 def _join(*hashes: str | None) -> str | None:

@@ -13,8 +13,14 @@ then does the bookkeeping for every stage alike:
   ``Cached`` with the recorded result, and no work is done;
 - ``force`` re-runs a stage and every stage after it;
 - records the manifest entry (config hash, inputs, output hashes, code and package versions,
-  device, timing, status) and takes a slot of a Prefect global concurrency limit for heavy stages
-  when ``concurrency_limit`` is set.
+  device, timing, peak memory, status) and takes a slot of a Prefect global concurrency limit for
+  heavy stages when ``concurrency_limit`` is set.
+
+Peak memory (``peak_rss_mb``, MiB) is sampled: a background thread sums the resident set of this
+process and every descendant the stage starts (torchrun ranks, the vLLM server and its engine)
+while the stage runs (``PeakRSS``). ``getrusage``'s ``ru_maxrss`` is recorded beside it (``maxrss_mb``) but cannot
+stand for the stage: it is the process's lifetime peak, which never goes down ("peak so far"), and
+``RUSAGE_CHILDREN`` covers only children already waited for, as the largest single one.
 
 Nothing here knows what a stage does: a new stage is one ``Stage(...)`` in the flow.
 """
@@ -23,11 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import resource
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydantic import BaseModel
 
 from compress.config import config_hash
@@ -63,6 +73,76 @@ class Done:
     hashes: dict[str, str]
     cached: bool
     seconds: float
+
+
+MIB = 2**20
+
+
+def tree_rss(proc: psutil.Process, skip: frozenset[psutil.Process] = frozenset()) -> int:
+    """Resident bytes of ``proc`` and all its descendants but those in ``skip`` and theirs (pages
+    shared between processes count in each)."""
+    total, todo = 0, [proc]
+    while todo:
+        p = todo.pop()
+        # A process that exited between listing and reading counts for nothing.
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+            todo += [c for c in p.children() if c not in skip]
+    return total
+
+
+def maxrss_mb() -> dict[str, float]:
+    """``getrusage`` peaks in MiB: this process's lifetime peak and the largest reaped child's."""
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
+    return {
+        who: round(resource.getrusage(flag).ru_maxrss * unit / MIB, 1)
+        for who, flag in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))
+    }
+
+
+class PeakRSS:
+    """Peak resident memory (MiB) of this process tree while the ``with`` block runs.
+
+    A daemon thread samples ``tree_rss`` every ``interval_s`` (and once at entry and exit), so a
+    spike shorter than the interval can be missed; memory that a stage holds (weights, optimizer
+    state, a server) is not. Children already running at entry (the ephemeral Prefect API server
+    a flow starts, say) are not the block's and are left out; children it starts (torchrun ranks,
+    a vLLM server) count. psutil sums RSS, so pages shared between processes count once per
+    process: an upper bound for forked workers.
+    """
+
+    def __init__(self, pid: int | None = None, interval_s: float = 0.2):
+        self.proc = psutil.Process(pid)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._before: frozenset[psutil.Process] = frozenset()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_bytes / MIB, 1)
+
+    def sample(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, tree_rss(self.proc, self._before))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> PeakRSS:
+        # psutil.Process compares by pid and start time: a reused pid is not mistaken for an old child.
+        with contextlib.suppress(psutil.Error):
+            self._before = frozenset(self.proc.children())
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def stage_key(stage: str, parts: list[Any], code: str) -> str:
@@ -120,7 +200,7 @@ class StageRunner:
         key = self.key(stage)
         hit = self.recorded_hit(stage, key)
         t0 = time.time()
-        with self._slot(stage, hit is None):
+        with PeakRSS() as rss, self._slot(stage, hit is None):
             task = TASKS[stage.task].with_options(task_run_name=stage.name)
             state = task(**stage.params, replay=hit["result"] if hit else None, return_state=True)
         result = state.result()
@@ -128,6 +208,8 @@ class StageRunner:
         hashes = {name: self._hash(p) for name, p in stage.outputs.items()}
         cached = hit is not None
         ran = hit.get("ran_seconds", hit.get("seconds")) if hit else seconds
+        # Like ran_seconds: a cache hit keeps the peak of the run that made its outputs.
+        ran_rss = hit.get("ran_peak_rss_mb", hit.get("peak_rss_mb")) if hit else rss.peak_mb
         record_stage(
             self.run_dir,
             stage.name,
@@ -144,11 +226,26 @@ class StageRunner:
                 "seconds": seconds,
                 # The original run time survives cache hits, for the stage table.
                 "ran_seconds": ran,
+                "peak_rss_mb": rss.peak_mb,
+                "ran_peak_rss_mb": ran_rss,
+                "maxrss_mb": maxrss_mb(),
                 "result": result,
             },
         )
-        self.stages[stage.name] = {"cached": cached, "seconds": seconds, "ran_seconds": ran}
-        get_run_logger().info("stage %s: %s in %.1fs", stage.name, "cache hit" if cached else "ran", seconds)
+        self.stages[stage.name] = {
+            "cached": cached,
+            "seconds": seconds,
+            "ran_seconds": ran,
+            "peak_rss_mb": rss.peak_mb,
+            "ran_peak_rss_mb": ran_rss,
+        }
+        get_run_logger().info(
+            "stage %s: %s in %.1fs, peak RSS %.0f MiB",
+            stage.name,
+            "cache hit" if cached else "ran",
+            seconds,
+            rss.peak_mb,
+        )
         return Done(result, hashes, cached, seconds)
 
     def _slot(self, stage: Stage, will_run: bool):

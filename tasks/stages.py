@@ -23,11 +23,13 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 
 from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PipelineConfig, PruneConfig
-from compress.data.sources import prepare_data
+from compress.data.self_instruct import serving_config
+from compress.data.sources import prepare_data, uses_self_instruct
 from compress.data.taskworld import read_jsonl
 from compress.distill.recipe import distill_student
-from compress.generate.launch import generate_data
+from compress.generate.launch import generate_data, open_teacher
 from compress.generate.teacher import GenerationError
+from compress.hub import read_model_config
 from compress.models import load_tokenizer
 from compress.prune.prune import prune_model
 from compress.serving.vllm_server import ServerError
@@ -92,11 +94,19 @@ def stage_task(name: str) -> Callable:
 
 
 @stage_task("prepare")
-def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir: str) -> dict:
-    """Training prompts and calibration texts: read, render, mix, deduplicate, decontaminate."""
+def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir: str, device: str = "cpu") -> dict:
+    """Training prompts and calibration texts: read (or draw from the teacher), render, mix, deduplicate,
+    decontaminate. A self-instruct source serves the teacher as the generate stage does (``cfg.generate``)."""
     data = cfg.effective_data()
     tokenizer = load_tokenizer(Path(teacher_dir), cfg.teacher.trust_remote_code)
     texts = eval_texts(cfg.evaluate, Path(tasks_dir)) if data.decontaminate else []
+    teacher = None
+    if uses_self_instruct(data):
+        log = Path(out_dir).parent / "logs" / "vllm-server-prepare.log"
+        teacher = functools.partial(
+            open_teacher, serving_config(cfg.generate), Path(teacher_dir), log, cfg.teacher.trust_remote_code,
+            device, get_run_logger().info,
+        )  # fmt: skip
     report = prepare_data(
         data,
         cfg.taskworld,
@@ -105,8 +115,16 @@ def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir:
         Path(out_dir),
         (cfg.prune.calibration_source, cfg.prune.calibration_samples),
         progress=_progress("prepare", "prepare"),
-        max_prompt_tokens=cfg.generate.max_model_len - cfg.generate.max_tokens,
+        max_prompt_tokens=cfg.generate.max_prompt_tokens(read_model_config(Path(teacher_dir))),
+        teacher=teacher,
     )
+    for si in report.get("self_instruct", []):
+        get_run_logger().info(
+            "self-instruct source %d: drew %d, kept %d (%.0f%%), dropped %s; %d training + %d held out (%s), %.1f s",
+            si["index"], si["drawn"], si["kept"], 100 * si["keep_rate"],
+            {k: v for k, v in si["dropped"].items() if v}, si["train"], si["heldout"],
+            Path(out_dir) / report["heldout_path"], si["seconds"],
+        )  # fmt: skip
     get_run_logger().info(
         "%d training prompts; dropped %d longer than %d tokens, %d duplicates and %d that appear in an evaluation "
         "set (%d eval prompts checked)",
@@ -162,6 +180,20 @@ def prune_task(
         description=f"Pruning: importance plot ({png})",
         markdown=f"![importance](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})",
     )
+    return {"path": out_dir, **record}
+
+
+@stage_task("adopt")
+def adopt_task(student_dir: str, teacher_dir: str, out_dir: str) -> dict:
+    """A student of the user's own in place of pruning: copied into the run directory as it is."""
+    from compress.models import checkpoint_params
+    from compress.student import adopt_student
+
+    record = adopt_student(Path(student_dir), checkpoint_params(Path(teacher_dir)), Path(out_dir))
+    get_run_logger().info(
+        "student %s: %s parameters (%.1f%% of the teacher), no pruning",
+        student_dir, f"{record['params_after']:,}", 100 * record["ratio"],
+    )  # fmt: skip
     return {"path": out_dir, **record}
 
 
@@ -258,12 +290,29 @@ def evaluate_task(
     dtype: str,
     trust_remote_code: bool,
     log_dir: str,
+    fidelity: dict | None = None,
 ) -> dict:
-    """lm-eval of one checkpoint on every configured task (in process or served by vLLM)."""
+    """lm-eval of one checkpoint on every configured task (in process or served by vLLM), and its
+    fidelity to the teacher when ``evaluate.fidelity`` is set."""
     logger = get_run_logger()
     result = evaluate_checkpoint(
         Path(model_dir), cfg, Path(tasks_dir), device, dtype, trust_remote_code, label=label, log_dir=Path(log_dir)
     )
+    if fidelity is not None and cfg.fidelity is not None:
+        from evaluation.fidelity import evaluate_fidelity
+
+        fid = evaluate_fidelity(
+            Path(fidelity["teacher_dir"]),
+            fidelity["teacher_id"],
+            Path(model_dir),
+            Path(fidelity["prompts"]),
+            cfg.fidelity.prompts,
+            cfg.fidelity.max_new_tokens,
+            Path(fidelity["cache_dir"]),
+            device,
+        )
+        result["scores"] |= fid["scores"]
+        result["n"] |= fid["n"]
     for task_name, metrics in result["scores"].items():
         shown = ", ".join(f"{m} {v['value']:.4f}" for m, v in metrics.items())
         logger.info("%s (%s): %s: %s", label, result["backend"], task_name, shown)
@@ -275,6 +324,7 @@ def evaluate_task(
 TASKS = {
     "prepare": prepare_task,
     "prune": prune_task,
+    "adopt": adopt_task,
     "generate": generate_task,
     "distill": distill_task,
     "evaluate": evaluate_task,

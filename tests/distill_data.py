@@ -18,6 +18,8 @@ from compress.models import load_tokenizer
 from tests.conftest import ROOT
 
 TEACHER = ROOT / "assets" / "teacher-tiny"
+# The task world's generation settings (one-line answers): the defaults are a chat model's.
+TOY = {"max_tokens": 16, "stop": ["\n"]}
 
 
 def make_distill_data(
@@ -31,7 +33,7 @@ def make_distill_data(
     world = TaskWorldConfig()
     rows, _ = make_splits(world.tasks, n, 4, world.seed)
     cfg = GenerateConfig(top_k=k, max_tokens=max_new, logits="sampled" if draws else "topk", draws=max(draws, 1),
-                         shard_size=64, prompts_per_request=16)  # fmt: skip
+                         stop=TOY["stop"], shard_size=64, prompts_per_request=16)  # fmt: skip
     gen = Generator(rows, cfg, HFTeacher(teacher_dir), load_tokenizer(teacher_dir), out / "generate.work")
     gen.run(out / "data", out / "logits", vocab_size(teacher_dir))
     return out

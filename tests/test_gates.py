@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compress.config import ConfigError, EvaluateConfig, PipelineConfig, load_config
-from compress.gates import GateError, Ref, check_gate, check_gate_models, check_gates, parse_gate
+from compress.gates import GateError, Ref, check_gate, check_gate_models, check_gates, demands_higher, parse_gate
 from tests.conftest import ROOT
 
 MODELS = {
@@ -130,3 +130,116 @@ def test_preflight_names_the_bad_gate():
         check_evaluation(EvaluateConfig(gates=["student.throughput > 0"]), ["student"], tasks)
     with pytest.raises(ConfigError, match=r"evaluate\.vllm\.vllm_python"):
         check_evaluation(EvaluateConfig(backend="vllm", vllm={"vllm_python": "/nonexistent/python"}), ["x"], tasks)
+
+
+# A real model's run: lm-eval's perplexities (their direction recorded) and our fidelity task.
+REAL = {
+    name: {
+        "params": params,
+        "scores": {
+            "pydoc_ppl": {
+                "word_perplexity": {"value": wp, "higher_is_better": False},
+                "bits_per_byte": {"value": bpb, "higher_is_better": False},
+            },
+            "fidelity": {"kl": {"value": kl}, "top1_agreement": {"value": top1}},
+            "custom": {"loss_like": {"value": custom, "higher_is_better": False}},
+        },
+    }
+    for name, params, wp, bpb, kl, top1, custom in (
+        ("teacher", 1000, 20.0, 0.9, 0.0, 1.0, 1.0),
+        ("student", 500, 23.0, 1.0, 0.3, 0.7, 1.5),
+    )
+}
+PPL = ("pydoc_ppl", "word_perplexity")
+
+
+@pytest.mark.parametrize(
+    ("text", "passed", "left", "right"),
+    [
+        ("student.pydoc_ppl.word_perplexity <= 1.2 * teacher.pydoc_ppl.word_perplexity", True, 23.0, 24.0),
+        ("student.pydoc_ppl.word_perplexity <= 1.1 * teacher.pydoc_ppl.word_perplexity", False, 23.0, 22.0),
+        ("student.pydoc_ppl.bits_per_byte - teacher.pydoc_ppl.bits_per_byte < 0.2", True, 0.1, 0.2),
+        ("student.fidelity.kl <= 0.05", False, 0.3, 0.05),
+        ("student.fidelity.top1_agreement >= 0.6", True, 0.7, 0.6),
+        # Taken as written, whichever way it points: the metric is named.
+        ("student.pydoc_ppl.word_perplexity >= teacher.pydoc_ppl.word_perplexity", True, 23.0, 20.0),
+        # The bare name on a lower-is-better headline, bounded from above: allowed.
+        ("student <= 1.2 * teacher", True, 23.0, 24.0),
+        ("teacher / student >= 0.9", False, 20.0 / 23.0, 0.9),
+        ("student == student", True, 23.0, 23.0),
+    ],
+)
+def test_gates_on_lower_is_better_metrics(text, passed, left, right):
+    r = check_gate(text, REAL, PPL)
+    assert r.passed is passed
+    assert r.left == pytest.approx(left) and r.right == pytest.approx(right)
+
+
+def test_underscored_task_and_metric_names_parse():
+    g = parse_gate("student.pydoc_ppl.word_perplexity <= 1.2*teacher.pydoc_ppl.word_perplexity")
+    assert g.refs() == [Ref("student", "pydoc_ppl", "word_perplexity"), Ref("teacher", "pydoc_ppl", "word_perplexity")]
+    assert g.op == "<="
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "student >= 0.9 * teacher",
+        "student > teacher",
+        "student / teacher >= 0.9",
+        "0.9 * teacher <= student",
+        "-student <= -teacher",
+        "student - teacher >= -1",
+        "student >= 10",
+    ],
+)
+def test_a_bare_gate_asking_for_a_higher_lower_is_better_headline_is_refused(text):
+    """It would pass a worse model: refused when judged (the recorded direction decides)..."""
+    with pytest.raises(GateError, match=r"evaluate\.gates\[0\].*word_perplexity is lower-is-better") as e:
+        check_gate(text, REAL, PPL)
+    assert "student.pydoc_ppl.word_perplexity" in str(e.value) and "\n" not in str(e.value)
+    # ... and on a higher-is-better headline the same gate is judged as usual.
+    check_gate(text, REAL, ("fidelity", "top1_agreement"))
+
+
+@pytest.mark.parametrize(
+    ("text", "higher"),
+    [
+        ("student >= 0.9 * teacher", {"student": True, "teacher": False}),
+        ("student <= 1.2 * teacher", {"student": False, "teacher": True}),
+        ("teacher / student >= 0.9", {"student": False, "teacher": True}),
+        ("(student - teacher) * -2 <= 1", {"student": True, "teacher": False}),
+        ("student / 0.5 < 3", {"student": False}),
+        ("student == teacher", {"student": False, "teacher": False}),
+    ],
+)
+def test_which_way_a_gate_pushes_each_model(text, higher):
+    gate = parse_gate(text)
+    assert {r.model: demands_higher(gate, r) for r in gate.refs()} == higher
+
+
+def test_recorded_direction_wins_over_the_name():
+    """'loss_like' is not in the name table; lm-eval recorded it lower-is-better, so the bare rule applies."""
+    with pytest.raises(GateError, match="loss_like is lower-is-better"):
+        check_gate("student >= teacher", REAL, ("custom", "loss_like"))
+    check_gate("student <= 2 * teacher", REAL, ("custom", "loss_like"))
+
+
+def test_config_refuses_a_bare_gate_on_a_named_lower_is_better_headline(tmp_path):
+    ok = EvaluateConfig(headline="pydoc_ppl/word_perplexity", gates=["student <= 1.2 * teacher"])
+    assert ok.gates == ["student <= 1.2 * teacher"]
+    EvaluateConfig(headline="fidelity/top1_agreement", gates=["student >= 0.9 * teacher"])
+    with pytest.raises(ValueError, match=r"\[1\] 'student >= 0.9 \* teacher': asks 'student' for a higher"):
+        EvaluateConfig(
+            headline="pydoc_ppl/word_perplexity", gates=["student <= 2 * teacher", "student >= 0.9 * teacher"]
+        )
+    path = tmp_path / "c.yaml"
+    teacher = ROOT / "assets" / "teacher-tiny"
+    path.write_text(
+        f"teacher:\n  path: {teacher}\nevaluate:\n  headline: fidelity/kl\n  gates: ['student / teacher > 0.9']\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [], PipelineConfig)
+    msg = str(e.value)
+    assert "evaluate.gates" in msg and "kl is lower-is-better" in msg and "student.fidelity.kl" in msg
+    assert "\n" not in msg

@@ -19,6 +19,7 @@ from compress.generate.run import DataRowError, Generator, accept_rewrite, uniqu
 from compress.generate.teacher import HFTeacher
 from compress.models import load_model, load_tokenizer
 from tests.conftest import ROOT
+from tests.distill_data import TOY
 
 TEACHER = ROOT / "assets" / "teacher-tiny"
 
@@ -157,7 +158,7 @@ def test_regex_checker_and_its_config_errors():
 
 
 def _run(tmp: Path, teacher, tok, data, need_logits=True, name="run", progress=None, **cfg):
-    gen = Generator(data, GenerateConfig(**({"shard_size": 16, "prompts_per_request": 8} | cfg)), teacher, tok,
+    gen = Generator(data, GenerateConfig(**(TOY | {"shard_size": 16, "prompts_per_request": 8} | cfg)), teacher, tok,
                     tmp / f"{name}.work", need_logits, progress)  # fmt: skip
     stats = gen.run(tmp / name / "data", tmp / name / "logits", 45)
     return stats, [json.loads(line) for line in (tmp / name / "data" / "train.jsonl").open()]

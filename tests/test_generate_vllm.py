@@ -24,6 +24,7 @@ from compress.generate.teacher import HTTPTeacher
 from compress.models import load_model, load_tokenizer
 from compress.serving.vllm_server import VLLMServer
 from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
+from tests.distill_data import TOY
 
 pytestmark = pytest.mark.slow
 TEACHER = ROOT / "assets" / "teacher-tiny"
@@ -94,7 +95,7 @@ def test_cached_topk_equals_transformers_log_softmax(served, reference, tmp_path
     """Each completion token's cached top-k = the top-k of transformers' log-softmax at that position."""
     log_probs, tok = reference
     data = rows(40)
-    gen = Generator(data, GenerateConfig(shard_size=16), teacher(served), tok, tmp_path / "work")
+    gen = Generator(data, GenerateConfig(shard_size=16, **TOY), teacher(served), tok, tmp_path / "work")
     stats = gen.run(tmp_path / "data", tmp_path / "logits", 45)
     cache = LogitCache(tmp_path / "logits")
     assert stats["cache"]["bytes_per_token"] <= 100
@@ -135,7 +136,7 @@ def test_prompt_tokens_scored_by_teacher_forcing(served, reference):
 def test_sampled_draws_come_from_the_teacher(served, reference, tmp_path):
     log_probs, tok = reference
     data = rows(8)
-    cfg = GenerateConfig(shard_size=8, logits="sampled", draws=16)
+    cfg = GenerateConfig(shard_size=8, logits="sampled", draws=16, **TOY)
     Generator(data, cfg, teacher(served), tok, tmp_path / "work").run(tmp_path / "data", tmp_path / "logits", 45)
     cache = LogitCache(tmp_path / "logits")
     out = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").open()]
@@ -185,7 +186,7 @@ def test_server_killed_mid_stage_is_restarted_and_the_stage_resumes(tmp_path):
         if not killed and fraction >= 0.2:
             killed.append(_kill_api_server(model_dir.resolve()))
 
-    cfg = GenerateConfig(shard_size=100, prompts_per_request=25, concurrency=4, vllm_python=VLLM_PYTHON)
+    cfg = GenerateConfig(shard_size=100, prompts_per_request=25, concurrency=4, vllm_python=VLLM_PYTHON, **TOY)
     stats = generate_data(model_dir, data, cfg, tmp_path / "run", progress=progress, log=lambda m: None)
     assert killed, "the server was never killed"
     assert stats["server_restarts"] == 1

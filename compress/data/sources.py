@@ -17,15 +17,27 @@ Bad input is a ``DataError``: one line naming the file or the field, raised befo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compress.config import ConfigError, DataConfig, DatasetSource, TaskWorldConfig, TaskWorldSource, first_line
+from compress.config import (
+    ConfigError,
+    DataConfig,
+    DatasetSource,
+    SelfInstructSource,
+    TaskWorldConfig,
+    TaskWorldSource,
+    first_line,
+)
 from compress.data.taskworld import END, world_splits
+
+if TYPE_CHECKING:
+    from compress.generate.teacher import Teacher
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text"}
 JSON_LINE_SUFFIXES = {".jsonl", ".ndjson"}
@@ -365,7 +377,7 @@ def mix_sources(
                 continue
             kept.append(r)
         kept_per_source.append(kept)
-        label = "taskworld" if isinstance(src, TaskWorldSource) else src.label
+        label = "taskworld" if isinstance(src, TaskWorldSource) else src.label  # self_instruct has one too
         stats.append({"source": label, "read": len(rows), "too_long_dropped": long, "duplicates_dropped": dup,
                       "eval_overlap_dropped": overlap})  # fmt: skip
     if cfg.num_samples is None:
@@ -385,9 +397,11 @@ def mix_sources(
 
 
 def load_rows(
-    src: TaskWorldSource | DatasetSource, index: int, world: TaskWorldConfig, tokenizer, where: str
+    src: TaskWorldSource | DatasetSource | SelfInstructSource, index: int, world: TaskWorldConfig, tokenizer, where: str
 ) -> list[dict[str, Any]]:
-    """Read, check and render one source into rows."""
+    """Read, check and render one source into rows (a self-instruct source is drawn by ``prepare_data``)."""
+    if isinstance(src, SelfInstructSource):
+        raise DataError(f"{where}: a self_instruct source needs the teacher: only data.sources may be self_instruct")
     if isinstance(src, TaskWorldSource):
         return taskworld_rows(src, world, tokenizer)
     records = read_source(src, where=where)
@@ -395,6 +409,14 @@ def load_rows(
     if src.messages_field:
         check_chat_template(tokenizer, where)
     return render_records(src, records, tokenizer, index)
+
+
+HELDOUT_PROMPTS = "heldout_prompts.jsonl"
+
+
+def uses_self_instruct(cfg: DataConfig) -> bool:
+    """True when a source is drawn from the teacher (then the prepare stage serves it)."""
+    return any(isinstance(s, SelfInstructSource) for s in cfg.sources)
 
 
 def prepare_data(
@@ -406,6 +428,7 @@ def prepare_data(
     calibration: tuple[TaskWorldSource | DatasetSource | None, int],
     progress: Callable[[float, str], None] | None = None,
     max_prompt_tokens: int | None = None,
+    teacher: Callable[[], contextlib.AbstractContextManager[Teacher]] | None = None,
 ) -> dict[str, Any]:
     """Write ``prompts.jsonl`` (training prompts) and ``calibration.jsonl`` into ``out_dir``.
 
@@ -413,16 +436,28 @@ def prepare_data(
     matches one is dropped. ``calibration`` is (own source or None, sample count): without a
     source, the first training rows are the calibration texts. Returns the data report, also
     written as ``data_report.json``.
+
+    Self-instruct sources (``compress.data.self_instruct``) are drawn through ``teacher()``, opened
+    once after every other source has been read (a bad file fails before a server starts); their
+    held-out prompts go to ``heldout_prompts.jsonl`` and count as evaluation prompts for
+    decontamination.
     """
     from compress.data.taskworld import write_jsonl
     from compress.lineage import write_json
 
-    per_source = []
+    n = len(cfg.sources)
+    per_source: list[list[dict[str, Any]]] = [[] for _ in cfg.sources]
     for i, src in enumerate(cfg.sources):
-        per_source.append(load_rows(src, i, world, tokenizer, f"data.sources[{i}]"))
+        if isinstance(src, SelfInstructSource):
+            continue
+        per_source[i] = load_rows(src, i, world, tokenizer, f"data.sources[{i}]")
         if progress:
-            progress((i + 1) / (len(cfg.sources) + 1), f"read source {i}: {len(per_source[-1])} rows")
-    index = EvalIndex(eval_texts) if cfg.decontaminate else None
+            progress((i + 1) / (n + 1), f"read source {i}: {len(per_source[i])} rows")
+    heldout: list[dict[str, Any]] = []
+    drawn: list[dict[str, Any]] = []
+    if uses_self_instruct(cfg):
+        heldout, drawn = _draw_self_instruct(cfg, tokenizer, teacher, per_source, progress)
+    index = EvalIndex([*eval_texts, *(r["text"] for r in heldout)]) if cfg.decontaminate else None
     rows, stats = mix_sources(per_source, cfg, index, max_prompt_tokens)
     if not rows:
         raise DataError("data.sources: no training prompts left after the length, duplicate and evaluation filters")
@@ -430,6 +465,8 @@ def prepare_data(
     calib_rows = rows if calib_src is None else load_rows(calib_src, 0, world, tokenizer, "prune.calibration_source")
     out_dir = Path(out_dir)
     write_jsonl(rows, out_dir / "prompts.jsonl")
+    if uses_self_instruct(cfg):
+        write_jsonl(heldout, out_dir / HELDOUT_PROMPTS)
     write_jsonl([calibration_row(r) for r in calib_rows[:n_calib]], out_dir / "calibration.jsonl")
     report = {
         "prompts": len(rows),
@@ -441,7 +478,40 @@ def prepare_data(
         "calibration_texts": min(n_calib, len(calib_rows)),
         "sources": stats,
     }
+    if uses_self_instruct(cfg):
+        report |= {"self_instruct": drawn, "heldout_prompts": len(heldout), "heldout_path": HELDOUT_PROMPTS}
     write_json(out_dir / "data_report.json", report)
     if progress:
         progress(1.0, f"{len(rows)} prompts")
     return report
+
+
+def _draw_self_instruct(
+    cfg: DataConfig,
+    tokenizer,
+    teacher: Callable[[], contextlib.AbstractContextManager[Teacher]] | None,
+    per_source: list[list[dict[str, Any]]],
+    progress: Callable[[float, str], None] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Draw every self-instruct source into ``per_source`` through one teacher; (held-out rows, reports)."""
+    from compress.data.self_instruct import draw_prompts
+
+    if teacher is None:
+        raise DataError("data.sources: a self_instruct source needs a teacher to draw from (none was given)")
+    n = len(cfg.sources)
+    heldout, reports = [], []
+    with teacher() as t:
+        for i, src in enumerate(cfg.sources):
+            if not isinstance(src, SelfInstructSource):
+                continue
+
+            def sub(fraction: float, message: str, i: int = i) -> None:
+                if progress:
+                    progress((i + fraction) / (n + 1), f"source {i} (self_instruct): {message}")
+
+            result = draw_prompts(src, tokenizer, t, i, f"data.sources[{i}]", sub)
+            per_source[i] = result.rows
+            heldout += result.heldout
+            reports.append({"index": i, **result.report})
+            sub(1.0, f"{len(result.rows)} training + {len(result.heldout)} held-out prompts")
+    return heldout, reports

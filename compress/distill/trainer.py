@@ -318,6 +318,7 @@ class KDTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._window = torch.zeros(4, dtype=torch.float64)  # KD, CE, hidden MSE sums, tokens since the last log
+        self._tokens_seen = torch.zeros((), dtype=torch.float64)  # completion tokens in the loss, this session
         if hidden_mse is not None and self.args.world_size > 1:
             # The projection lives outside the DDP-wrapped model: average its gradients by hand.
             world = self.args.world_size
@@ -365,7 +366,9 @@ class KDTrainer(Trainer):
         loss_sum = loss_sum + obj.hidden_weight * hidden_sum
         tokens = mask.sum()
         stats = torch.stack([kd_sum.detach(), ce_sum.detach(), hidden_sum.detach(), tokens.float()])
-        self._window += stats.double().cpu()
+        stats = stats.double().cpu()
+        self._window += stats
+        self._tokens_seen += stats[3]
         if num_items_in_batch is None:
             loss = loss_sum / tokens.clamp(min=1)
         else:
@@ -388,6 +391,16 @@ class KDTrainer(Trainer):
                 if self.objective.hidden_weight > 0:
                     logs["hidden_mse"] = round(mse / n, 6)
         super().log(logs, *args, **kwargs)
+
+    def completion_tokens(self) -> int:
+        """Completion tokens the loss saw in this session (since a resume), summed over processes.
+
+        Prompt and padding tokens are not counted: only the targets the KD and CE terms average over.
+        """
+        seen = self._tokens_seen.to(self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(seen)  # every process calls this once, after train()
+        return int(seen.item())
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -604,6 +617,8 @@ def train_causal_lm(
         "final_loss": float(history[-1]["loss"]) if history else None,
         "seconds": float(result.metrics.get("train_runtime", 0.0)),
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
+        # Completion tokens seen by the loss (all processes; from resumed_from_step on).
+        "train_tokens": trainer.completion_tokens(),
     }
     if hidden_mse is not None:  # for the record: the teacher layer (0-based) each student layer matched
         metrics["hidden_layers"] = [i - 1 for _, i in hidden_mse.pairs]

@@ -56,7 +56,7 @@ def open_teacher(
         python=cfg.vllm_python,
         log_path=log_path,
         dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
+        max_model_len=cfg.context_length(read_model_config(Path(teacher_dir))),
         max_logprobs=cfg.top_k,
         kv_cache_gib=cfg.kv_cache_gib,
         startup_timeout_s=cfg.startup_timeout_s,

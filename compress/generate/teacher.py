@@ -41,12 +41,19 @@ class RequestRejected(RuntimeError):
 
 @dataclass
 class Sampling:
-    """How completions are drawn: ``max_tokens``, ``temperature`` (0 = greedy), ``stop`` strings (kept)."""
+    """How completions are drawn: ``max_tokens``, ``temperature`` (0 = greedy), ``stop`` strings (kept).
+
+    ``seed`` seeds transformers' sampling; vLLM gets it only with ``request_seed`` (each prompt of a
+    request would draw the same random numbers: send one prompt per request then). ``top_p`` is
+    nucleus sampling (1 = off).
+    """
 
     max_tokens: int = 16
     temperature: float = 0.0
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    top_p: float = 1.0
+    request_seed: bool = False
 
 
 @dataclass
@@ -185,13 +192,15 @@ class HTTPTeacher:
             "skip_special_tokens": False,
             "return_token_ids": True,
             # The model's generation_config would otherwise pick top_p / top_k for us.
-            "top_p": 1.0,
+            "top_p": sampling.top_p,
             "top_k": -1,
             "min_p": 0.0,
             "repetition_penalty": 1.0,
         }
-        # No per-request seed: vLLM gives every prompt of a request the same seed, which would draw
-        # them all with the same random numbers. Sampled completions through vLLM are not reproducible.
+        # No seed by default: vLLM gives every prompt of a request the same seed, which would draw them
+        # all with the same random numbers. A caller that sends one prompt per request may ask for it.
+        if sampling.request_seed:
+            body["seed"] = sampling.seed
         if k:
             body |= {"logprobs": k, "return_tokens_as_token_ids": True}
         choices = await self._post(body)
@@ -311,7 +320,7 @@ class HFTeacher:
                                "output_logits": bool(k), "return_dict_in_generate": True}  # fmt: skip
         if sampling.temperature > 0:
             torch.manual_seed(sampling.seed)
-            gen |= {"do_sample": True, "temperature": sampling.temperature, "top_p": 1.0, "top_k": 0}
+            gen |= {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
         else:
             gen |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if sampling.stop:

@@ -1,0 +1,51 @@
+"""The distill stage counts the tokens it trained on: completion tokens seen by the loss, over every
+step and micro-batch, padded or packed (the report's "tokens trained")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compress.config import DistillConfig
+from compress.distill.recipe import distill_student
+from compress.distill.sources import load_cached_examples
+from compress.models import load_model, load_tokenizer, save_checkpoint
+from tests.distill_data import TEACHER, make_distill_data
+
+N = 8  # examples; with batch_size N every step sees each of them once
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_distill_data(tmp_path_factory.mktemp("tokens-data"), n=N, k=4)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    model, tok = load_model(TEACHER), load_tokenizer(TEACHER)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    out = tmp_path_factory.mktemp("tokens-student") / "s"
+    save_checkpoint(model, tok, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("use_logits", "pack", "accumulate", "processes"),
+    [(True, False, 1, 1), (False, True, 2, 1), (True, False, 1, 2)],  # the last under torchrun: summed over ranks
+)
+def test_train_tokens_are_the_completion_tokens_seen_by_the_loss(
+    data, student, tmp_path, use_logits, pack, accumulate, processes
+):
+    examples = load_cached_examples(data / "data", data / "logits", load_tokenizer(student), with_teacher=False)
+    assert len(examples) == N
+    # The targets of one pass: completion labels, the first position of each example never one.
+    per_pass = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples)
+    steps = 3
+    train = {"max_steps": steps, "batch_size": N, "gradient_accumulation_steps": accumulate, "pack": pack}
+    cfg = DistillConfig(save_steps=0, num_processes=processes, train=train)
+    metrics = distill_student(student, data / "data", data / "logits", cfg, tmp_path / "out", use_logits)
+    assert metrics["steps"] == steps and metrics["processes"] == processes
+    assert metrics["train_tokens"] == steps * per_pass > 0
