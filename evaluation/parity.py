@@ -84,12 +84,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="Prompts compared (the first N).")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--vllm-python", type=Path, default=Path(".venv-vllm/bin/python"))
-    ap.add_argument("--out", type=Path, default=Path("docs/results/real-parity.json"))
+    ap.add_argument("--out", type=Path, default=Path("runs/parity.json"), help="Where the figures go (JSON).")
+    ap.add_argument("--logs", type=Path, default=Path("runs/parity-logs"), help="The vLLM servers' logs.")
     args = ap.parse_args()
     prompts = [list(r["prompt_ids"]) for r in read_jsonl(args.prompts)[: args.n]]
     results = [
-        greedy_parity(m, prompts, args.max_tokens, vllm_python=args.vllm_python, work=args.out.parent / "parity-logs")
-        for m in args.models
+        greedy_parity(m, prompts, args.max_tokens, vllm_python=args.vllm_python, work=args.logs) for m in args.models
     ]
     write_json(args.out, {"prompts_file": str(args.prompts), "results": results})
     print(json.dumps(results, indent=2))

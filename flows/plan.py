@@ -336,6 +336,19 @@ def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
     return runner.status
 
 
+def generate_line(cfg: PipelineConfig, model_config: dict[str, Any]) -> str:
+    """How the teacher answers: where, how long, where it stops, and which prompts are dropped as too long."""
+    gen = cfg.generate
+    ctx = gen.context_length(model_config)
+    sized = "" if gen.max_model_len is not None else " (sized from the teacher)"
+    stop = f"stop {gen.stop}" if gen.stop else "stops at the teacher's EOS / end of turn"
+    where = "endpoint " + gen.endpoint.url if gen.endpoint else gen.backend
+    return (
+        f"generate  {where}, context {ctx} tokens{sized}, answers up to {gen.max_tokens} tokens, {stop}; "
+        f"prompts over {gen.max_prompt_tokens(model_config)} tokens are dropped (counted in the run's data report)"
+    )
+
+
 def student_context(cfg: PipelineConfig, pf: Preflight) -> tuple[Path | None, str | None]:
     """(directory, identity) of a student of the user's own, or (None, None) when the student is pruned."""
     if pf.student_model is None:
@@ -374,6 +387,7 @@ def describe(cfg: PipelineConfig, source: str, pf: Preflight) -> str:
         f"{shape['hidden_size']}, FFN {shape['intermediate_size']}, heads {shape['num_attention_heads']}/"
         f"{shape['num_key_value_heads']} KV: {st['params_after']:,} params ({st['ratio']:.1%} of the teacher)",
         f"device    {cfg.device} ({planned_device(cfg)})",
+        generate_line(cfg, pf.model_config),
         "data",
         *(f"  {line}" for line in pf.data),
         f"evaluate  backend {cfg.evaluate.backend}"

@@ -23,7 +23,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 
 from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PipelineConfig, PruneConfig
-from compress.data.self_instruct import serving_config
+from compress.data.self_instruct import pre_query_template, self_instruct_sources, serving_config
 from compress.data.sources import prepare_data, uses_self_instruct
 from compress.data.taskworld import read_jsonl
 from compress.distill.recipe import distill_student
@@ -103,9 +103,10 @@ def prepare_task(cfg: PipelineConfig, teacher_dir: str, tasks_dir: str, out_dir:
     teacher = None
     if uses_self_instruct(data):
         log = Path(out_dir).parent / "logs" / "vllm-server-prepare.log"
+        longest = max(len(pre_query_template(tokenizer, s.system_prompt).ids) for s in self_instruct_sources(data))
         teacher = functools.partial(
-            open_teacher, serving_config(cfg.generate), Path(teacher_dir), log, cfg.teacher.trust_remote_code,
-            device, get_run_logger().info,
+            open_teacher, serving_config(cfg.generate, longest), Path(teacher_dir), log,
+            cfg.teacher.trust_remote_code, device, get_run_logger().info,
         )  # fmt: skip
     report = prepare_data(
         data,

@@ -43,6 +43,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+# A chat template for the tiny task-world teacher (it has none): turns as "role: text" lines, so a
+# user turn ends at the newline, which the teacher writes.
+LINES = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"  # noqa: E501
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> Path:
+    """The shipped tiny teacher with a chat template (it has none of its own)."""
+    import shutil
+
+    from compress.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("teacher") / "teacher-chat"
+    shutil.copytree(ROOT / "assets" / "teacher-tiny", out)
+    (out / "chat_template.jinja").write_text(LINES)
+    assert load_tokenizer(out).chat_template == LINES
+    return out
+
+
 def require_vllm() -> None:
     if not VLLM_PYTHON.is_file():
         if os.environ.get("CI"):

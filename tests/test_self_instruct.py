@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,7 @@ from compress.data.taskworld import read_jsonl
 from compress.generate.launch import open_teacher
 from compress.generate.teacher import Completion, Sampling
 from compress.models import load_tokenizer
-from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
+from tests.conftest import LINES, ROOT, VLLM_PYTHON, require_vllm
 
 TEACHER = ROOT / "assets" / "teacher-tiny"
 CHATML = (
@@ -59,8 +58,6 @@ LLAMA2 = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
-# The tiny teacher's: turns as "role: text" lines. Its user turn ends at the newline.
-LINES = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"  # noqa: E501
 
 
 def tokenizer(template: str | None, specials: list[str] = ()):
@@ -70,16 +67,6 @@ def tokenizer(template: str | None, specials: list[str] = ()):
         tok.add_special_tokens({"additional_special_tokens": list(specials)})
     tok.chat_template = template
     return tok
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory) -> Path:
-    """The tiny teacher with a chat template (it has none of its own)."""
-    out = tmp_path_factory.mktemp("teacher") / "teacher-chat"
-    shutil.copytree(TEACHER, out)
-    (out / "chat_template.jinja").write_text(LINES)
-    assert load_tokenizer(out).chat_template == LINES
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -367,3 +354,14 @@ def test_prepare_stage_serves_the_teacher_and_keys_its_dtype(tmp_path):
     run_pipeline(plain, Context(tmp_path, TEACHER, "t", "e", tmp_path, "cpu"),
                  lambda s: stages.append(s) or Done({}, {}, False, 0.0), until="prune")  # fmt: skip
     assert not stages[0].heavy and "heldout" not in stages[0].outputs
+
+
+def test_serving_keeps_every_seeded_prefill_in_one_scheduler_step():
+    """vLLM's CPU engine dies on a seeded request whose prefill is split: cap the requests in flight."""
+    from compress.data.self_instruct import SCHEDULER_TOKENS, serving_config
+
+    gen = GenerateConfig(concurrency=8, prompts_per_request=16)
+    assert serving_config(gen).concurrency == 128
+    capped = serving_config(gen, prompt_tokens=24).concurrency
+    assert capped * 25 <= SCHEDULER_TOKENS < (capped + 1) * 25
+    assert serving_config(gen, prompt_tokens=5000).concurrency == 1

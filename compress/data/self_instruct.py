@@ -218,13 +218,29 @@ class SelfInstructResult:
     report: dict[str, Any]
 
 
-def serving_config(gen: GenerateConfig) -> GenerateConfig:
+def self_instruct_sources(cfg) -> list[SelfInstructSource]:
+    """The self-instruct sources of a ``DataConfig``."""
+    return [s for s in cfg.sources if isinstance(s, SelfInstructSource)]
+
+
+# Tokens vLLM's scheduler takes per step (its default max_num_batched_tokens with chunked prefill).
+SCHEDULER_TOKENS = 2048
+
+
+def serving_config(gen: GenerateConfig, prompt_tokens: int = 0) -> GenerateConfig:
     """``gen`` for drawing: as many sequences in flight as the generate stage keeps, one per request.
 
     Each candidate is its own request (its own seed), so the request concurrency is the generate
-    stage's requests times its prompts per request.
+    stage's requests times its prompts per request, capped so that every prefill of
+    ``prompt_tokens`` (the pre-query template) fits one scheduler step beside the running decodes.
+    A seeded request whose prefill is split across steps kills vLLM 0.32's CPU engine: it rewinds
+    the request's generator (``set_offset``), which a CPU ``torch.Generator`` does not support
+    ("CPU Generator does not use offset"); the server is restarted, but the requests in flight are lost.
     """
-    return gen.model_copy(update={"concurrency": gen.concurrency * gen.prompts_per_request})
+    in_flight = gen.concurrency * gen.prompts_per_request
+    if prompt_tokens:
+        in_flight = max(1, min(in_flight, SCHEDULER_TOKENS // (prompt_tokens + 1)))
+    return gen.model_copy(update={"concurrency": in_flight})
 
 
 def render_rows(messages: list[str], tokenizer, system_prompt: str | None, id_prefix: str) -> list[dict[str, Any]]:
