@@ -1,9 +1,10 @@
 """Everything a run checks before its first stage, the stages' cache keys, and ``distillflow plan``.
 
-``preflight`` resolves the teacher (local directory, or hub id: cache first, then the hub), reads
-its ``config.json``, reads and checks every data source and every evaluation task, and raises a
-one-line ``ConfigError`` naming the field, file or task at the first fault. No weights are loaded
-and Prefect is not imported, so the CLI can run it in seconds before it starts the flow; the flow
+``preflight`` resolves the teacher (local directory, hub id: cache first, then the hub, or a GGUF
+file: converted once, then cached), reads its ``config.json``, reads and checks every data source
+and every evaluation task, and raises a one-line ``ConfigError`` naming the field, file or task at
+the first fault. No weights are loaded (but for a GGUF teacher's first conversion, about 30 s for
+135M parameters) and Prefect is not imported, so the CLI can run it in seconds before it starts the flow; the flow
 runs it again for callers that come through Python or a deployment.
 
 ``cache_status`` hands the flow's own stage declarations (``tasks.pipeline``) to a runner that

@@ -2,9 +2,9 @@
 
 `configs/smollm2.yaml` in miniature: self-instruct prompts drawn by the vLLM-served teacher (with
 held-out prompts), pruning calibrated on the pydoc calibration topics, generation, KD and SFT,
-then every model scored on the shipped real-text tasks (pydoc perplexity, HumanEval bits per
-byte) and on fidelity to the teacher, with the report's lower-is-better handling, tokens trained
-and peak RSS. A second plan of the same config finds every stage a cache hit.
+then every model scored on a shipped real-text task (pydoc perplexity) and on fidelity to the
+teacher, with the report's lower-is-better handling, tokens trained and peak RSS. A second plan of
+the same config finds every stage a cache hit.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tests.conftest import VLLM_PYTHON, require_vllm
 pytestmark = pytest.mark.slow
 SELF_INSTRUCT = {"type": "self_instruct", "n": 16, "heldout": 4, "temperature": 2.0, "max_tokens": 24, "min_chars": 1,
                  "oversample": 8}  # fmt: skip
-METRICS = [("pydoc_ppl", "bits_per_byte"), ("pydoc_ppl", "word_perplexity"), ("humaneval_bpb", "bits_per_byte"),
-           ("fidelity", "kl"), ("fidelity", "top1_agreement")]  # fmt: skip
+METRICS = [("pydoc_ppl", "bits_per_byte"), ("pydoc_ppl", "word_perplexity"), ("fidelity", "kl"),
+           ("fidelity", "top1_agreement")]  # fmt: skip
 
 
 def _config(tmp_path, teacher_dir) -> PipelineConfig:
@@ -43,7 +43,9 @@ def _config(tmp_path, teacher_dir) -> PipelineConfig:
             "generate": {"vllm_python": str(VLLM_PYTHON), "top_k": 4, "max_tokens": 12, "dtype": "float32"},
             "distill": {"train": {"max_steps": 3, "batch_size": 8}},
             "evaluate": {
-                "tasks": ["pydoc_ppl", "humaneval_bpb"],
+                # pydoc_ppl scores in rolling windows of the tiny teacher's 128 positions; HumanEval's
+                # solutions are longer than that (tests/test_realtext.py scores it with a longer context).
+                "tasks": ["pydoc_ppl"],
                 "limit": 2,
                 "batch_size": 4,
                 "headline": "pydoc_ppl/bits_per_byte",
