@@ -14,6 +14,7 @@ second, to describe it). lm-eval's built-in index (about 4 s to build) is read o
 from __future__ import annotations
 
 import glob
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,22 @@ def include_paths(cfg: EvaluateConfig, taskworld_dir: Path | None) -> list[str]:
     return paths
 
 
+class _ShippedTaskNotice(logging.Filter):
+    """Drops lm-eval's notice that a task got keyword arguments, logged (twice) for every load of a
+    shipped task, whose ``custom_dataset`` takes them by design; lm-eval's other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("distillflow_") and "Custom kwargs can be passed" in msg)
+
+
 def task_manager(cfg: EvaluateConfig, taskworld_dir: Path | None = None):
     """An lm-eval TaskManager over the local YAMLs, plus lm-eval's own tasks when a name needs them."""
     from lm_eval.tasks import TaskManager
+
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _ShippedTaskNotice) for f in task_log.filters):
+        task_log.addFilter(_ShippedTaskNotice())
 
     paths = include_paths(cfg, taskworld_dir)
     local = TaskManager(include_path=paths, include_defaults=False) if paths else None
