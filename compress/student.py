@@ -26,12 +26,19 @@ class StudentMismatch(ValueError):
     """The student cannot be distilled from this teacher token by token (one line: what differs)."""
 
 
+def first_vocab_difference(a: dict[str, int], b: dict[str, int]) -> tuple[str, int] | None:
+    """The (token, id) of lowest id on which two vocabularies disagree, or None when they are equal."""
+    if a == b:
+        return None
+    return min(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
+
+
 def check_compatible(teacher_tok, student_tok, where: str = "student.path") -> None:
     """Refuse a student whose vocabulary or chat template differs from the teacher's."""
     a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
-        tok, i = diff[0]
+    diff = first_vocab_difference(a, b)
+    if diff is not None:
+        tok, i = diff
         raise StudentMismatch(
             f"{where}: the student's vocabulary differs from the teacher's ({len(b):,} vs {len(a):,} tokens; "
             f"first difference: id {i} {tok!r}): token-level KD needs the teacher's tokenizer"

@@ -48,6 +48,7 @@ from compress.data.taskworld import write_jsonl
 from compress.distill.chunked import DenseTeacher, Head, SampledTeacher, TopKTeacher, kd_ce_sums
 from compress.distill.losses import LossSpec
 from compress.models import load_model, load_tokenizer, save_checkpoint
+from compress.student import first_vocab_difference
 
 Progress = Callable[[float, str], None]
 PROJECTION_FILE = "kd_hidden_projection.pt"
@@ -245,9 +246,9 @@ def shared_vocab(student, teacher, student_tok=None, teacher_tok=None) -> int:
     v_t = teacher.get_output_embeddings().weight.shape[0]
     if student_tok is not None and teacher_tok is not None:
         a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
-        if a != b:
-            diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
-            tok, i = diff[0]
+        diff = first_vocab_difference(a, b)
+        if diff is not None:
+            tok, i = diff
             raise ValueError(
                 f"the teacher's and the student's tokenizers differ ({len(a)} vs {len(b)} tokens; first: "
                 f"id {i} {tok!r}): token-level KD needs one tokenizer"
