@@ -133,15 +133,14 @@ def check_student(cfg: PipelineConfig, teacher: ResolvedModel, full: bool) -> tu
         check_compatible(teacher_tok, student_tok)
     except StudentMismatch as e:
         raise ConfigError(str(e)) from None
+    from transformers import AutoConfig
+
+    from compress.prune.shape import shape_of
+
     layout = checkpoint_layout(resolved.path, config)
-    shape = {
-        "num_layers": tc["num_hidden_layers"],
-        "hidden_size": tc["hidden_size"],
-        "intermediate_size": tc.get("intermediate_size"),
-        "num_attention_heads": tc.get("num_attention_heads"),
-        "num_key_value_heads": tc.get("num_key_value_heads") or tc.get("num_attention_heads"),
-    }
-    return resolved, {"student": shape, "params_after": layout["params"], "given": str(resolved.path)}
+    # The prune stage's shape record (as adopt_student writes it), from the student's own config.
+    shape = shape_of(AutoConfig.from_pretrained(str(resolved.path), trust_remote_code=cfg.student.trust_remote_code))
+    return resolved, {"student": shape.as_dict(), "params_after": layout["params"], "given": str(resolved.path)}
 
 
 def check_generate(cfg: PipelineConfig) -> None:
