@@ -38,7 +38,7 @@ from compress.config import ArchConfig, GenerateConfig  # noqa: E402
 from compress.data.taskworld import make_splits  # noqa: E402
 from compress.data.tokenizer import build_tokenizer  # noqa: E402
 from compress.generate.cache import CacheWriter, LogitCache  # noqa: E402
-from compress.generate.launch import open_teacher, vocab_size  # noqa: E402
+from compress.generate.generate import open_teacher, vocab_size  # noqa: E402
 from compress.generate.run import Generator  # noqa: E402
 from compress.generate.teacher import HFTeacher  # noqa: E402
 from compress.lineage import package_versions, write_json  # noqa: E402

@@ -117,8 +117,8 @@ def demo_speed(source: str, steps: int, n: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from compress.config import DistillConfig
-    from compress.data.taskworld import read_jsonl
     from compress.distill.recipe import distill_student
+    from compress.jsonl import read_jsonl
     from compress.models import load_model, load_tokenizer, save_checkpoint
     from tests.distill_data import TEACHER, make_distill_data
 

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def direct(cfg, run_dir: Path) -> float:
     """The stages' library functions in order, without Prefect; returns the wall time."""
-    from compress.data.sources import prepare_data
-    from compress.data.taskworld import read_jsonl
+    from compress.data.prepare import prepare_data
     from compress.distill.recipe import distill_student
-    from compress.generate.launch import generate_data
+    from compress.generate.generate import generate_data
     from compress.hub import read_model_config
+    from compress.jsonl import read_jsonl
     from compress.models import load_tokenizer, resolve_device
     from compress.prune.prune import prune_model
     from evaluation.harness import evaluate_checkpoint

@@ -970,12 +970,3 @@ def load_config(
     """Load a YAML config, apply overrides, validate into ``model_cls``."""
     data = apply_overrides(load_yaml(Path(path)), overrides or [])
     return validate(model_cls, data, str(path))
-
-
-def coerce_config(config: PipelineConfig | dict | str | Path) -> PipelineConfig:
-    """Accept a PipelineConfig, a dict or a YAML path (the Python API's flexible input)."""
-    if isinstance(config, PipelineConfig):
-        return config
-    if isinstance(config, dict):
-        return validate(PipelineConfig, config, "config")
-    return load_config(config)

@@ -69,7 +69,7 @@ def sha256_path_cached(path: Path, cache_file: Path) -> str:
     return digest
 
 
-def source_hash(roots: tuple[str, ...] = ("compress", "evaluation", "tasks")) -> str:
+def source_hash(roots: tuple[str, ...] = ("compress", "evaluation", "stages")) -> str:
     """sha256 over the library source: the code part of every cache key."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()

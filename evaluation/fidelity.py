@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from compress.data.taskworld import read_jsonl, write_jsonl
+from compress.jsonl import read_jsonl, write_jsonl
 
 TASK = "fidelity"
 

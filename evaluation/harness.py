@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from compress.config import TASKWORLD_TASK, EvaluateConfig
-from compress.data.taskworld import END, LANG, write_jsonl
+from compress.data.taskworld import END, LANG
+from compress.jsonl import write_jsonl
 from compress.lineage import write_json
 from compress.serving.vllm_server import VLLMServer
 from evaluation.tasks import (

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compress.data.taskworld import read_jsonl
+from compress.jsonl import read_jsonl
 from compress.lineage import write_json
 
 

@@ -7,7 +7,7 @@ No dataset hub is reachable, so real evaluation data comes from what is installe
   text (for distillation data) and *held-out* text (for evaluation). Several topics quote each
   other (``compound`` holds ``if``, ``while``, ``try``...; ``specialnames`` holds
   ``customization``...), so the unit of the split is a **topic group**: topics that share a
-  13-word n-gram (the project's decontamination rule, ``compress.data.sources``) always land in
+  13-word n-gram (the project's decontamination rule, ``compress.data.prepare``) always land in
   the same part, and no held-out passage appears in training or calibration text. Groups are
   dealt out largest first (ties in a seeded order), each to the part furthest below its share of
   the topics, so the parts hit their fractions as closely as the groups allow.
@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from compress.config import ConfigError
-from compress.data.sources import NGRAM, normalize
-from compress.data.taskworld import write_jsonl
+from compress.data.prepare import NGRAM, normalize
+from compress.jsonl import write_jsonl
 
 SPLITS = ("calibration", "train", "heldout")
 # Defaults of the pydoc split: the shipped evaluation task uses exactly these, so training and

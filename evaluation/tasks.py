@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import TASKWORLD_TASK, ConfigError, EvaluateConfig
-from compress.data.sources import LOCAL_BUILDERS
+from compress.data.prepare import LOCAL_BUILDERS
 from compress.data.taskworld import LANG
 from compress.hub import offline
 from compress.metrics import lower_is_better as metric_lower_is_better

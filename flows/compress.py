@@ -6,7 +6,7 @@ as a deployment of ``prefect.yaml``: its one parameter is the ``PipelineConfig``
 dashboard renders as a form and validates with the same pydantic model. It needs no Prefect server
 (ephemeral mode) and works against a real one.
 
-The stages are declared once in ``tasks.pipeline``; ``tasks.stage.StageRunner`` caches them by
+The stages are declared once in ``stages.pipeline``; ``stages.runner.StageRunner`` caches them by
 content in the run directory, so a run from any Prefect home that shares ``runs/`` hits the same
 cache. The run directory ``runs/<name>/`` holds the checkpoints, data, logits, evaluation results,
 ``manifest.json`` (lineage), ``summary.json`` and ``report.md``.
@@ -33,8 +33,8 @@ from compress.lineage import code_version, package_versions, read_json, source_h
 from compress.models import resolve_device
 from flows.plan import preflight, student_context, teacher_identity, write_eval_tasks
 from flows.publish import publish
-from tasks.pipeline import Context, run_pipeline
-from tasks.stage import StageRunner
+from stages.pipeline import Context, run_pipeline
+from stages.runner import StageRunner
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

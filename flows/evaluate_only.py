@@ -20,8 +20,8 @@ from evaluation.tasks import check_tasks
 from flows.compress import PipelineResult
 from flows.plan import check_evaluation, write_eval_tasks
 from flows.publish import publish
-from tasks.pipeline import evaluate_stage
-from tasks.stage import StageRunner
+from stages.pipeline import evaluate_stage
+from stages.runner import StageRunner
 
 
 @flow(name="evaluate-only", flow_run_name="{config.name}")

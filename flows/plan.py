@@ -7,7 +7,7 @@ the first fault. No weights are loaded (but for a GGUF teacher's first conversio
 135M parameters) and Prefect is not imported, so the CLI can run it in seconds before it starts the flow; the flow
 runs it again for callers that come through Python or a deployment.
 
-``cache_status`` hands the flow's own stage declarations (``tasks.pipeline``) to a runner that
+``cache_status`` hands the flow's own stage declarations (``stages.pipeline``) to a runner that
 runs nothing and compares each stage's key and outputs with the run directory's manifest, so
 ``plan`` can say which stages of an earlier run in the same directory would be cache hits.
 """
@@ -145,7 +145,7 @@ def check_student(cfg: PipelineConfig, teacher: ResolvedModel, full: bool) -> tu
 
 def check_generate(cfg: PipelineConfig) -> None:
     """The generate stage's outside needs: the endpoint's key variable, or the vLLM virtualenv."""
-    from compress.generate.launch import endpoint_key
+    from compress.generate.generate import endpoint_key
 
     gen = cfg.generate
     try:
@@ -233,7 +233,7 @@ def _dataset_sources(cfg: PipelineConfig) -> list[tuple[str, Any]]:
 
 
 def _needs_hub_datasets(cfg: PipelineConfig) -> bool:
-    from compress.data.sources import is_local
+    from compress.data.prepare import is_local
 
     hub = [s for _, s in _dataset_sources(cfg) if isinstance(s, DatasetSource) and not is_local(s)]
     return bool(hub) or any(t != "taskworld" for t in cfg.evaluate.tasks)
@@ -247,8 +247,8 @@ def check_data(cfg: PipelineConfig, tokenizer, full: bool, model_config: dict[st
     A self-instruct source needs the tokenizer's chat template, and room for its messages in the
     context the teacher is served with (sized from ``model_config``, the teacher's config.json).
     """
+    from compress.data.prepare import check_chat_template, check_records, is_local, read_source
     from compress.data.self_instruct import check_source, describe_source
-    from compress.data.sources import check_chat_template, check_records, is_local, read_source
 
     lines = []
     for where, src in _dataset_sources(cfg):
@@ -311,11 +311,11 @@ def write_eval_tasks(world: TaskWorldConfig, evaluate: EvaluateConfig, tasks_dir
 def cache_status(cfg: PipelineConfig, pf: Preflight) -> list[tuple[str, str]]:
     """(stage, "cache hit" | "will run") per stage, predicted from the run directory.
 
-    The same stage declarations as the flow's (``tasks.pipeline``), handed to a runner that only
+    The same stage declarations as the flow's (``stages.pipeline``), handed to a runner that only
     compares keys and output hashes with ``manifest.json``.
     """
-    from tasks.pipeline import Context, run_pipeline
-    from tasks.stage import PlanRunner
+    from stages.pipeline import Context, run_pipeline
+    from stages.runner import PlanRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         eval_id = write_eval_tasks(cfg.taskworld, cfg.evaluate, Path(tmp))

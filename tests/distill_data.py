@@ -11,7 +11,7 @@ from pathlib import Path
 
 from compress.config import GenerateConfig, TaskWorldConfig
 from compress.data.taskworld import make_splits
-from compress.generate.launch import vocab_size
+from compress.generate.generate import vocab_size
 from compress.generate.run import Generator
 from compress.generate.teacher import HFTeacher
 from compress.models import load_tokenizer

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from compress.config import DistillConfig, KDLoss
-from compress.data.taskworld import read_jsonl
 from compress.distill.losses import LOSSES
 from compress.distill.recipe import DistillJob, distill_student
 from compress.distill.trainer import HiddenMSE, encode_example, make_collator, shared_vocab
 from compress.generate.cache import LogitCache
 from compress.generate.teacher import parse_choice
+from compress.jsonl import read_jsonl
 from compress.lineage import read_json, write_json
 from compress.models import load_model, load_tokenizer, save_checkpoint
 from compress.serving.vllm_server import VLLMServer
@@ -246,7 +246,7 @@ def _job_file(tmp_path: Path, data: Path, student: Path, out: Path, cfg: Distill
 
 def _launch(job_file: Path) -> subprocess.Popen:
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "compress.distill.launch", str(job_file)]
+    cmd = [sys.executable, "-m", "compress.distill.worker", str(job_file)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

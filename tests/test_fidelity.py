@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compress.data.taskworld import make_splits, write_jsonl
+from compress.data.taskworld import make_splits
+from compress.jsonl import write_jsonl
 from compress.models import load_tokenizer
 from evaluation.fidelity import answers_path, evaluate_fidelity, fidelity_scores, teacher_answers
 from tests.conftest import ROOT
@@ -50,7 +51,7 @@ def test_the_teachers_answers_are_made_once_per_run(tmp_path):
 
 
 def _read(path):
-    from compress.data.taskworld import read_jsonl
+    from compress.jsonl import read_jsonl
 
     return read_jsonl(path)
 

@@ -18,7 +18,7 @@ import torch
 from compress.config import GenerateConfig
 from compress.data.taskworld import make_splits
 from compress.generate.cache import LogitCache
-from compress.generate.launch import generate_data
+from compress.generate.generate import generate_data
 from compress.generate.run import Generator
 from compress.generate.teacher import HTTPTeacher
 from compress.models import load_model, load_tokenizer

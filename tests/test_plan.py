@@ -147,6 +147,6 @@ def test_prune_targets_are_checked_before_any_stage(tiny_model_dir, tmp_path, se
 
 def test_data_errors_are_config_errors():
     """The CLI maps ConfigError to exit code 2; a data fault must be one."""
-    from compress.data.sources import DataError
+    from compress.data.prepare import DataError
 
     assert issubclass(DataError, ConfigError)

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from compress.config import PipelineConfig
-from compress.data.taskworld import read_jsonl
+from compress.jsonl import read_jsonl
 from tests.conftest import VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from compress.config import ConfigError, DatasetSource, EvaluateConfig
-from compress.data.sources import EvalIndex, check_records, read_source
+from compress.data.prepare import EvalIndex, check_records, read_source
 from compress.metrics import LOWER_IS_BETTER
 from evaluation import realtext
 from evaluation.tasks import (

@@ -21,6 +21,7 @@ from compress.config import (
     TaskWorldSource,
     validate,
 )
+from compress.data.prepare import DataError, normalize, prepare_data
 from compress.data.self_instruct import (
     check_source,
     compression_ratio,
@@ -31,10 +32,9 @@ from compress.data.self_instruct import (
     split_heldout,
     user_message,
 )
-from compress.data.sources import DataError, normalize, prepare_data
-from compress.data.taskworld import read_jsonl
-from compress.generate.launch import open_teacher
+from compress.generate.generate import open_teacher
 from compress.generate.teacher import Completion, Sampling
+from compress.jsonl import read_jsonl
 from compress.models import load_tokenizer
 from tests.conftest import LINES, ROOT, VLLM_PYTHON, require_vllm
 
@@ -331,8 +331,8 @@ def test_vllm_same_seed_same_prompts_through_prepare_data(tiny_chat, tmp_path):
 
 def test_prepare_stage_serves_the_teacher_and_keys_its_dtype(tmp_path):
     """The pipeline's prepare declaration: heavy when it serves the teacher, keyed by what the teacher writes."""
-    from tasks.pipeline import Context, run_pipeline
-    from tasks.stage import Done
+    from stages.pipeline import Context, run_pipeline
+    from stages.runner import Done
 
     def prepare_stage(**overrides):
         data = {"sources": [{"type": "self_instruct", "n": 8}]}

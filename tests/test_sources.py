@@ -7,7 +7,7 @@ import json
 import pytest
 
 from compress.config import ConfigError, DataConfig, DatasetSource, TaskWorldConfig, TaskWorldSource, validate
-from compress.data.sources import (
+from compress.data.prepare import (
     DataError,
     EvalIndex,
     _quotas,
@@ -17,8 +17,9 @@ from compress.data.sources import (
     prepare_data,
     read_source,
 )
-from compress.data.taskworld import make_splits, read_jsonl
+from compress.data.taskworld import make_splits
 from compress.data.tokenizer import build_tokenizer
+from compress.jsonl import read_jsonl
 from tests.byo_world import CHATML
 from tests.byo_world import build_tokenizer as build_bpe
 
@@ -215,7 +216,7 @@ def test_split_slice_and_head(tmp_path):
 
 
 def test_hub_dataset_data_files_are_not_globbed_locally():
-    from compress.data.sources import is_local, local_files
+    from compress.data.prepare import is_local, local_files
 
     src = DatasetSource(path="org/some-dataset", data_files="data/train-*.parquet", prompt_field="q")
     assert not is_local(src) and local_files(src) == []

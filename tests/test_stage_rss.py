@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tasks.stage import MIB, PeakRSS, maxrss_mb, tree_rss
+from stages.runner import MIB, PeakRSS, maxrss_mb, tree_rss
 
 ALLOC_MIB = 160
 # A child that touches every page of ALLOC_MIB (b"\x01" * n writes them all; a zeroed bytearray
@@ -80,8 +80,8 @@ def test_stage_runner_records_peak_rss(tmp_path, prefect_home, monkeypatch):
     from prefect import flow
 
     from compress.lineage import read_json
-    from tasks import stages
-    from tasks.stage import Stage, StageRunner
+    from stages import stages
+    from stages.runner import Stage, StageRunner
 
     @stages.stage_task("alloc")
     def alloc_task(out: str) -> dict:

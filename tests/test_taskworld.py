@@ -1,4 +1,5 @@
-from compress.data.taskworld import TASKS, check_answer, make_splits, read_jsonl, write_jsonl
+from compress.data.taskworld import TASKS, check_answer, make_splits
+from compress.jsonl import read_jsonl, write_jsonl
 
 
 def test_splits_are_deterministic_and_disjoint():

@@ -9,7 +9,7 @@ import pytest
 
 from compress.config import DistillConfig
 from compress.distill.recipe import distill_student
-from compress.distill.sources import load_cached_examples
+from compress.distill.teacher_signal import load_cached_examples
 from compress.models import load_model, load_tokenizer, save_checkpoint
 from tests.distill_data import TEACHER, make_distill_data
 

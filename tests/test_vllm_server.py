@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from compress.config import GenerateConfig
-from compress.data.taskworld import read_jsonl
 from compress.generate.cache import LogitCache
 from compress.generate.run import Generator
 from compress.generate.teacher import HTTPTeacher
+from compress.jsonl import read_jsonl
 from compress.models import load_model, load_tokenizer
 from compress.serving.vllm_server import ServerError, VLLMServer, group_members
 from tests.conftest import VLLM_PYTHON, require_vllm

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.data.taskworld import END, LANG, LETTERS
+from compress.data.alphabet import END, LANG, LETTERS
 
 CHARS = LETTERS + " "
 

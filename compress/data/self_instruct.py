@@ -23,7 +23,7 @@ SmolLM2-135M (CPU, 16 messages of up to 128 tokens), the same requests sent one 
 once gave 7 of 16 identical messages in bfloat16 and 16 of 16 in float32. The pipeline does not
 re-draw an unchanged source anyway: the prepare stage is cached by its inputs.
 
-Rows have the format of a ``messages_field`` dataset source (``compress.data.sources``): the message
+Rows have the format of a ``messages_field`` dataset source (``compress.data.prepare``): the message
 rendered as a user turn with ``add_generation_prompt=True``, its ``prompt_ids``, ``answer: None``,
 ``text`` = the bare message, ``source`` = ``self_instruct``.
 """
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.config import GenerateConfig, SelfInstructSource, first_line
-from compress.data.sources import DataError, normalize
+from compress.data.prepare import DataError, normalize
 from compress.generate.teacher import Completion, HFTeacher, Sampling, Teacher
 
 # Stands for the user message while the template is rendered; no template writes it by itself.

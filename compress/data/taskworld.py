@@ -41,21 +41,12 @@ Arithmetic to Small Transformers"; see docs/world.md).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-DIGITS = "0123456789"
-# Every character that can appear in a prompt or an answer; the tokenizer is built from this.
-ALPHABET = LETTERS + DIGITS + " =+:\n"
-END = "\n"
-# The BOS token as text: the character tokenizer maps it to its BOS id (a special token).
-BOS = "<s>"
-LANG = "lang"
+from compress.data.alphabet import ALPHABET, BOS, DIGITS, END, LANG, LETTERS  # noqa: F401 (re-exported)
 
 
 def _rev(rng: random.Random) -> tuple[str, str]:
@@ -302,20 +293,3 @@ def world_splits(world: Any) -> tuple[list[dict], list[dict]]:
         prefix_chars=tuple(world.language.prefix_chars),
         mix=world.mix or None,
     )
-
-
-def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
-    """Write rows as JSON lines (atomically: a temp file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSON-lines file into a list of dicts."""
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]

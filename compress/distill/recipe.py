@@ -1,7 +1,7 @@
 """The distill stage: train the pruned student on the generated data, by KD or by SFT only.
 
 ``distill_student`` runs the training in this process, or, with ``distill.num_processes`` > 1,
-under torchrun (``python -m torch.distributed.run``): each process runs ``compress.distill.launch``
+under torchrun (``python -m torch.distributed.run``): each process runs ``compress.distill.worker``
 on the same job file, Trainer's DDP splits the global batch (gloo on CPU, nccl on GPU), process 0
 saves the student and writes the metrics. Progress comes from the loss log the run appends to.
 """
@@ -54,7 +54,7 @@ def teacher_dtype(name: str, device: str):
 def run_job(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]:
     """Train one student in this process (one rank of a torchrun job, or the only process)."""
     from compress.distill.losses import LossSpec
-    from compress.distill.sources import load_cached_examples
+    from compress.distill.teacher_signal import load_cached_examples
     from compress.distill.trainer import Objective, shared_vocab, train_causal_lm
     from compress.models import count_params, load_model, load_tokenizer
 
@@ -170,7 +170,7 @@ def run_torchrun(job: DistillJob, progress: Progress | None = None, poll_s: floa
     write_json(job_file, job.model_dump(mode="json"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={job.cfg.num_processes}", "-m", "compress.distill.launch", str(job_file),
+        f"--nproc_per_node={job.cfg.num_processes}", "-m", "compress.distill.worker", str(job_file),
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // job.cfg.num_processes))}
     log = (work / "torchrun.log").open("w")

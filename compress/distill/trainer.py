@@ -44,9 +44,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from compress.config import LoraConfig, TrainConfig
-from compress.data.taskworld import write_jsonl
 from compress.distill.chunked import DenseTeacher, Head, SampledTeacher, TopKTeacher, kd_ce_sums
 from compress.distill.losses import LossSpec
+from compress.jsonl import write_jsonl
 from compress.models import load_model, load_tokenizer, save_checkpoint
 from compress.student import first_vocab_difference
 

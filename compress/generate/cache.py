@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,13 +231,6 @@ class LogitCache:
             else:
                 out[name] = rows.astype(np.float32)
         return out
-
-    def iter_rows(self, lengths: list[int]) -> Iterator[dict[str, np.ndarray]]:
-        """Consecutive slices of the given lengths, from the start."""
-        offset = 0
-        for n in lengths:
-            yield self[offset : offset + n]
-            offset += n
 
     def nbytes_per_token(self) -> float:
         """Bytes on disk per cached token (every array together)."""

@@ -43,9 +43,9 @@ import numpy as np
 from tqdm import tqdm
 
 from compress.config import GENERATE_RUNTIME_FIELDS, GenerateConfig, SelfDistillConfig
-from compress.data.taskworld import read_jsonl, write_jsonl
 from compress.generate.cache import CacheWriter
 from compress.generate.teacher import Sampling, Teacher
+from compress.jsonl import read_jsonl, write_jsonl
 
 Progress = Callable[[float, str], None]
 

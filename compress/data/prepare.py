@@ -442,7 +442,7 @@ def prepare_data(
     held-out prompts go to ``heldout_prompts.jsonl`` and count as evaluation prompts for
     decontamination.
     """
-    from compress.data.taskworld import write_jsonl
+    from compress.jsonl import write_jsonl
     from compress.lineage import write_json
 
     n = len(cfg.sources)

@@ -52,7 +52,7 @@ class Stage:
     """A pipeline stage, declared once."""
 
     name: str  # manifest name, e.g. "distill_student"; its family is the part before "_"
-    task: str  # name of the Prefect task around the library function (tasks.stages.TASKS)
+    task: str  # name of the Prefect task around the library function (stages.prefect_tasks.TASKS)
     params: dict[str, Any]  # the task's arguments (paths as strings, configs)
     key: list[Any]  # content that decides the outputs: configs, input hashes, settings
     inputs: dict[str, str] = field(default_factory=dict)  # lineage: input name -> content hash
@@ -195,7 +195,7 @@ class StageRunner:
     def __call__(self, stage: Stage) -> Done:
         from prefect.logging import get_run_logger
 
-        from tasks.stages import TASKS
+        from stages.prefect_tasks import TASKS
 
         key = self.key(stage)
         hit = self.recorded_hit(stage, key)

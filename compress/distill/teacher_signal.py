@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compress.data.taskworld import read_jsonl
 from compress.distill.trainer import encode_example
 from compress.generate.cache import LogitCache
+from compress.jsonl import read_jsonl
 
 # Cache arrays by the name the collator and the trainer use. ``ids`` and ``logprobs`` are always
 # there (top-k, or sampled ids with log p); a sampled cache ("Sparse Logit Sampling") adds

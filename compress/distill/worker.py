@@ -1,4 +1,4 @@
-"""One training process of a distill job: ``python -m compress.distill.launch JOB.json``.
+"""One training process of a distill job: ``python -m compress.distill.worker JOB.json``.
 
 torchrun starts this module once per process (``compress.distill.recipe.run_torchrun``); it also
 runs a job alone in a plain subprocess. Process 0 writes the metrics to ``result.json`` beside the

@@ -1,6 +1,6 @@
 """Thin Prefect tasks around the library's stage functions: retries, progress artifacts, replay.
 
-Each task is declared with ``@stage_task``: it gains a keyword ``replay``. ``tasks.stage.StageRunner``
+Each task is declared with ``@stage_task``: it gains a keyword ``replay``. ``stages.runner.StageRunner``
 passes the recorded result of a cache hit there, and the task then returns it as a ``Cached``
 state without doing any work, so every stage shows up in the Prefect API and dashboard, hit or not.
 Tasks return small dicts of paths and metrics, never models. Retries are for transient faults
@@ -23,13 +23,13 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 
 from compress.config import DistillConfig, EvaluateConfig, GenerateConfig, PipelineConfig, PruneConfig
+from compress.data.prepare import prepare_data, uses_self_instruct
 from compress.data.self_instruct import pre_query_template, self_instruct_sources, serving_config
-from compress.data.sources import prepare_data, uses_self_instruct
-from compress.data.taskworld import read_jsonl
 from compress.distill.recipe import distill_student
-from compress.generate.launch import generate_data, open_teacher
+from compress.generate.generate import generate_data, open_teacher
 from compress.generate.teacher import GenerationError
 from compress.hub import read_model_config
+from compress.jsonl import read_jsonl
 from compress.models import load_tokenizer
 from compress.prune.prune import prune_model
 from compress.serving.vllm_server import ServerError
@@ -81,7 +81,7 @@ def stage_task(name: str) -> Callable:
         sig = inspect.signature(fn)
         extra = inspect.Parameter("replay", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="dict | None")
         wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])  # type: ignore[attr-defined]
-        # The cache is the run directory's (tasks.stage), so Prefect keeps no results of its own.
+        # The cache is the run directory's (stages.runner), so Prefect keeps no results of its own.
         return task(
             name=name,
             retries=2,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.config import GENERATE_RUNTIME_FIELDS, DatasetSource, EvaluateConfig, PipelineConfig, config_hash
-from compress.data.sources import HELDOUT_PROMPTS
-from tasks.stage import Done, Stage
+from compress.data.prepare import HELDOUT_PROMPTS
+from stages.runner import Done, Stage
 
 # Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
 # when only they change.
@@ -56,7 +56,7 @@ def generate_unused(gen) -> set[str]:
 
 
 def _sources_content(cfg: PipelineConfig) -> list[str]:
-    from compress.data.sources import source_fingerprint
+    from compress.data.prepare import source_fingerprint
 
     sources = [*cfg.effective_data().sources, cfg.prune.calibration_source]
     return [source_fingerprint(s) for s in sources if isinstance(s, DatasetSource)]
