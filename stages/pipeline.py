@@ -12,21 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress.config import GENERATE_RUNTIME_FIELDS, DatasetSource, EvaluateConfig, PipelineConfig, config_hash
+from compress.cachekey import key_hash
+from compress.config import DatasetSource, EvaluateConfig, PipelineConfig, config_hash
 from compress.data.prepare import HELDOUT_PROMPTS
 from stages.runner import Done, Stage
 
-# Settings only the KD loss reads: the SFT baseline's key leaves them out, so it is not re-trained
-# when only they change.
-KD_FIELDS = {
-    *("loss", "kd_weight", "temperature", "skew_alpha", "jsd_beta", "tail"),
-    *("teacher_source", "teacher_dtype", "hidden_weight"),
-}
 # Generate settings that decide what a self-instruct source's teacher writes (vLLM or transformers, the
 # weights' dtype): in the prepare key when one is used. The sampling settings are the source's own.
 SELF_INSTRUCT_FIELDS = {"backend", "dtype"}
-# Settings that change how results are reported and judged, not the results: out of the evaluate key.
-EVALUATE_REPORT_FIELDS = {"headline", "gates"}
 
 
 @dataclass
@@ -42,17 +35,6 @@ class Context:
     model_config: dict = field(default_factory=dict)  # the teacher's config.json (sizes the served context)
     student_dir: Path | None = None  # a student of the user's own (student.path): no pruning
     student_id: str | None = None  # its content identity
-
-
-def generate_unused(gen) -> set[str]:
-    """Generate settings left out of its cache key: runtime ones, and those the chosen mode ignores."""
-    # shard_size decides how the work is cut, not the merged output (it is in the shards' fingerprint).
-    unused = set(GENERATE_RUNTIME_FIELDS) | {"shard_size"}
-    if gen.mode != "self_distill":
-        unused.add("self_distill")
-    if gen.logits != "sampled":
-        unused.add("draws")
-    return unused
 
 
 def _sources_content(cfg: PipelineConfig) -> list[str]:
@@ -144,7 +126,7 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                 "teacher_id": ctx.teacher_id,
             },
             key=[
-                config_hash(c.generate, exclude=generate_unused(c.generate)),
+                key_hash(c.generate, frozenset({f"mode={c.generate.mode}", f"logits={c.generate.logits}"})),
                 ctx.teacher_id,
                 prep.hashes.get("prompts"),
                 need_logits,
@@ -177,7 +159,7 @@ def run_pipeline(cfg: PipelineConfig, ctx: Context, run, until: str | None = Non
                     "teacher_layers": pruned.result.get("kept_layers"),
                 },
                 key=[
-                    config_hash(c.distill, exclude=None if use_logits else KD_FIELDS),
+                    key_hash(c.distill, frozenset({"kd"} if use_logits else ())),
                     use_logits,
                     pruned.hashes.get("pruned"),
                     data_sha,
@@ -266,7 +248,7 @@ def evaluate_stage(
             "log_dir": str(log_dir),
             "fidelity": {k: v for k, v in fidelity.items() if k != "prompts_sha"} if fidelity else None,
         },
-        key=[config_hash(evaluate, exclude=EVALUATE_REPORT_FIELDS), eval_id, model_sha, dtype, device, *fid_key],
+        key=[key_hash(evaluate), eval_id, model_sha, dtype, device, *fid_key],
         inputs={"model": model_sha, "eval_sets": eval_id},
         config=evaluate,
     )

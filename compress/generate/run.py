@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from compress.config import GENERATE_RUNTIME_FIELDS, GenerateConfig, SelfDistillConfig
+from compress.cachekey import key_content
+from compress.config import GenerateConfig, SelfDistillConfig
 from compress.generate.cache import CacheWriter
 from compress.generate.teacher import Sampling, Teacher
 from compress.jsonl import read_jsonl, write_jsonl
@@ -138,9 +139,9 @@ def check_rows(rows: list[dict[str, Any]], cfg: GenerateConfig) -> None:
 def fingerprint(rows: list[dict[str, Any]], cfg: GenerateConfig, teacher: str, need_logits: bool) -> str:
     """What decides the shards' content: rows, settings, teacher and whether logits are kept."""
     h = hashlib.sha256()
-    h.update(
-        json.dumps([cfg.model_dump(mode="json", exclude=set(GENERATE_RUNTIME_FIELDS)), teacher, need_logits]).encode()
-    )
+    # The settings that decide the teacher's answers (compress.cachekey), and how the rows are cut.
+    flags = frozenset({f"mode={cfg.mode}", f"logits={cfg.logits}"})
+    h.update(json.dumps([key_content(cfg, flags), cfg.shard_size, teacher, need_logits]).encode())
     for row in rows:
         h.update(json.dumps([row.get("id"), row.get("prompt"), row.get("prompt_ids"), row.get("answer")]).encode())
     return h.hexdigest()[:16]
