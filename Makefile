@@ -47,10 +47,12 @@ real:
 
 test:
 	$(MAKE) -j2 venvs
+	$(MAKE) lint
 	$(VENV)/bin/python -m pytest
 
+# Style, the six-parameter limit, and the architecture (layers, no cycles, no Prefect in the library).
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 clean-runs:
 	rm -rf runs/demo

@@ -18,50 +18,31 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-from compress.config import ArchConfig, EvaluateConfig, TaskWorldConfig
+from common import ROOT, add_model_args, build_random_llama, write_result
+
+from compress.config import EvaluateConfig, TaskWorldConfig
 from compress.data.taskworld import make_splits
-from compress.data.tokenizer import build_tokenizer
-from compress.lineage import package_versions, write_json
-from compress.models import build_llama, checkpoint_params, save_checkpoint
+from compress.models import checkpoint_params
 from evaluation.harness import (
     _completions_args,
+    _env,
     _hf_args,
     _run_lm_eval,
     parse_scores,
     serve_for_eval,
+    standalone_job,
     write_choice_task,
     write_task,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def build_model(out: Path, args) -> Path:
-    tok = build_tokenizer()
-    arch = ArchConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.ffn,
-        max_position_embeddings=128,
-    )
-    return save_checkpoint(build_llama(arch, tok, seed=0), tok, out)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, help="a checkpoint of yours instead of the built one")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=2816)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    add_model_args(ap, "--model")
     ap.add_argument("--heldout", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
@@ -71,7 +52,7 @@ def main() -> None:
     _, heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model or build_model(tmp / "model", args)
+        model = args.model or build_random_llama(tmp / "model", args)
         write_task(heldout, tmp / "tasks", max_gen_toks=16)
         cfg = EvaluateConfig(
             tasks=["taskworld", "taskworld_mc"],
@@ -79,16 +60,19 @@ def main() -> None:
             batch_size=args.batch_size,
             vllm={"vllm_python": ROOT / ".venv-vllm" / "bin" / "python", "max_model_len": 128},
         )
+        # Both backends in the checkpoint's own dtype ("auto"), so that they score the same model.
+        job = standalone_job(model, cfg, tmp / "tasks", dtype="auto", log_dir=tmp)
         t0 = time.perf_counter()
-        hf = _run_lm_eval("hf", _hf_args(model, "cpu", "auto", False), cfg, tmp / "tasks", 0)
+        hf = _run_lm_eval("hf", _hf_args(job), job, 0)
         hf_s = time.perf_counter() - t0
         print(f"hf: {hf_s:.1f}s", flush=True)
         t0 = time.perf_counter()
         with serve_for_eval(model, cfg, "auto", False, "model", tmp / "vllm.log") as server:
             startup_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            args_vllm = _completions_args(server, model, False, cfg.vllm.num_concurrent)
-            vl = _run_lm_eval("local-completions", args_vllm, cfg, tmp / "tasks", 0)
+            # lm-eval's API models read the server's key from the environment only.
+            with _env(OPENAI_API_KEY=server.api_key):
+                vl = _run_lm_eval("local-completions", _completions_args(server, job), job, 0)
             vllm_s = time.perf_counter() - t1
         print(f"vllm: {vllm_s:.1f}s (+ {startup_s:.1f}s server start-up)", flush=True)
         params = checkpoint_params(model)
@@ -105,10 +89,8 @@ def main() -> None:
         "speedup_with_startup": round(hf_s / (vllm_s + startup_s), 3),
         "scores": scores,
         "scores_agree": scores["hf"] == scores["vllm"],
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "packages": package_versions(),
     }
-    write_json(ROOT / "bench" / "results" / "eval_backends.json", out)
+    write_result("eval_backends", out)
     print(f"vllm over hf: {out['speedup']:.2f}x faster ({out['speedup_with_startup']:.2f}x with start-up); "
           f"scores agree: {out['scores_agree']}")  # fmt: skip
 

@@ -26,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from compress.generate.cache import CacheWriter, LogitCache  # noqa: E402
 from compress.generate.generate import open_teacher, vocab_size  # noqa: E402
 from compress.generate.run import Generator  # noqa: E402
 from compress.generate.teacher import HFTeacher  # noqa: E402
+from compress.jobs import Checkpoint  # noqa: E402
 from compress.lineage import package_versions, write_json  # noqa: E402
 from compress.models import build_llama, checkpoint_params, load_tokenizer, save_checkpoint  # noqa: E402
 
@@ -59,26 +62,40 @@ def build_teacher(out: Path, hidden: int, layers: int) -> Path:
     return save_checkpoint(model, tok, out)
 
 
-def timed_run(teacher, rows, cfg, tok, tmp: Path, name: str, vocab: int) -> tuple[dict, float]:
+@dataclass(frozen=True)
+class Bench:
+    """What both paths share: the teacher, its tokenizer and vocabulary, and the command line."""
+
+    teacher: Path
+    tok: Any
+    vocab: int
+    args: argparse.Namespace
+
+
+def timed_run(teacher, rows, cfg, bench: Bench, tmp: Path, name: str) -> tuple[dict, float]:
     """One warm-up batch, then every row through the generate stage's code; (stats, seconds)."""
-    Generator(rows[: cfg.prompts_per_request], cfg, teacher, tok, tmp / f"warm-{name}").run(
-        tmp / f"warm-d-{name}", tmp / f"warm-l-{name}", vocab
+    Generator(rows[: cfg.prompts_per_request], cfg, teacher, bench.tok, tmp / f"warm-{name}").run(
+        tmp / f"warm-d-{name}", tmp / f"warm-l-{name}", bench.vocab
     )
     t0 = time.perf_counter()
-    stats = Generator(rows, cfg, teacher, tok, tmp / f"work-{name}").run(tmp / f"d-{name}", tmp / f"l-{name}", vocab)
+    stats = Generator(rows, cfg, teacher, bench.tok, tmp / f"work-{name}").run(
+        tmp / f"d-{name}", tmp / f"l-{name}", bench.vocab
+    )
     return stats, time.perf_counter() - t0
 
 
-def both_paths(teacher: Path, rows, args, dtype: str, tmp: Path, vocab: int, tok) -> dict:
+def both_paths(bench: Bench, rows, dtype: str, tmp: Path) -> dict:
     """The vLLM path, then the transformers path, over ``rows`` in ``dtype``: speeds and agreement."""
+    args = bench.args
     cfg = GenerateConfig(top_k=20, max_tokens=args.max_tokens, prompts_per_request=args.batch,
                          concurrency=args.concurrency, dtype=dtype, server_threads=args.server_threads,
                          shard_size=max(args.batch * args.concurrency, 256))  # fmt: skip
     t0 = time.perf_counter()
+    teacher = Checkpoint(path=bench.teacher, identity=None)
     with open_teacher(cfg, teacher, tmp / "vllm.log", log=lambda m: None) as served:
         startup = time.perf_counter() - t0
-        vllm_stats, vllm_s = timed_run(served, rows, cfg, tok, tmp, "vllm", vocab)
-    hf_stats, hf_s = timed_run(HFTeacher(teacher, "cpu", dtype), rows, cfg, tok, tmp, "hf", vocab)
+        vllm_stats, vllm_s = timed_run(served, rows, cfg, bench, tmp, "vllm")
+    hf_stats, hf_s = timed_run(HFTeacher(bench.teacher, "cpu", dtype), rows, cfg, bench, tmp, "hf")
     return {"dtype": dtype, "prompts": len(rows), "startup": startup, "vllm": (vllm_stats, vllm_s),
             "hf": (hf_stats, hf_s), "agreement": compare(tmp)}  # fmt: skip
 
@@ -192,11 +209,12 @@ def main() -> None:
         rows, _ = make_splits(["rev", "sort", "max", "dup", "rot"], args.prompts, 10, seed=123)
         for r in rows:
             r["prompt_ids"] = tok(r["prompt"], add_special_tokens=False)["input_ids"]
-        speed = both_paths(teacher, rows, args, args.dtype, tmp / "speed", vocab, tok)
+        bench = Bench(teacher, tok, vocab, args)
+        speed = both_paths(bench, rows, args.dtype, tmp / "speed")
         # Two bf16 implementations round differently, and a different token early in a completion
         # changes everything after it: sameness is checked in float32, on the same model and prompts.
         exact = speed if args.dtype == "float32" else both_paths(
-            teacher, rows[: args.agree_prompts], args, "float32", tmp / "fp32", vocab, tok
+            bench, rows[: args.agree_prompts], "float32", tmp / "fp32"
         )  # fmt: skip
         memory = reader_memory(tmp, args.cache_tokens)
         params = checkpoint_params(teacher)

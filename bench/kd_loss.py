@@ -60,14 +60,13 @@ def worker(kind: str, tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
 
     if kind == "ours":
         sys.path.insert(0, str(ROOT))
-        from compress.distill.chunked import DenseTeacher, Head, kd_ce_sums
+        from compress.distill.chunked import DenseTeacher, Head, KDMix, kd_ce_sums
         from compress.distill.losses import LossSpec
 
-        spec = LossSpec("jsd", beta=0.5)
+        mix = KDMix(LossSpec("jsd", beta=0.5), kd_weight=0.5, chunk_size=chunk or None)
 
         def step(n):
-            loss, _, _ = kd_ce_sums(h[:n], Head(w), labels[:n], DenseTeacher(hidden=th[:n], head=Head(tw)), spec,
-                                    0.5, chunk or None)  # fmt: skip
+            loss, _, _ = kd_ce_sums(h[:n], Head(w), labels[:n], DenseTeacher(hidden=th[:n], head=Head(tw)), mix)
             loss.backward()
             return loss
     else:
@@ -120,7 +119,7 @@ def demo_speed(source: str, steps: int, n: int) -> dict:
     from compress.distill.recipe import distill_student
     from compress.jsonl import read_jsonl
     from compress.models import load_model, load_tokenizer, save_checkpoint
-    from tests.distill_data import TEACHER, make_distill_data
+    from tests.distill_data import TEACHER, distill_job, make_distill_data
 
     work = Path(tempfile.mkdtemp(prefix="kd-demo-"))
     data = make_distill_data(work, n=n, k=20)
@@ -129,7 +128,7 @@ def demo_speed(source: str, steps: int, n: int) -> dict:
     model.config.num_hidden_layers = 4
     save_checkpoint(model, load_tokenizer(TEACHER), work / "student")
     cfg = DistillConfig(teacher_source=source, save_steps=0, train={"max_steps": steps, "batch_size": 64})
-    m = distill_student(work / "student", data / "data", data / "logits", cfg, work / "out", teacher_dir=TEACHER)
+    m = distill_student(distill_job(work / "student", data, cfg, work / "out", teacher=TEACHER))
     per_example = sum(r["n_tokens"] for r in read_jsonl(data / "data" / "train.jsonl")) / n
     tokens = per_example * cfg.train.batch_size * m["steps"]
     return {"seconds": round(m["seconds"], 2), "tokens": round(tokens), "tokens_per_s": round(tokens / m["seconds"], 1)}

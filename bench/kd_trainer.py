@@ -170,6 +170,7 @@ def worker_ours(work: Path, cfg: dict) -> dict:
     """The distill stage as the pipeline runs it: ``distill_student`` on the data directory."""
     from compress.config import DistillConfig, TrainConfig
     from compress.distill.recipe import distill_student
+    from compress.jobs import Checkpoint, DistillJob
 
     rec = install_meter()
     dcfg = DistillConfig(
@@ -193,9 +194,19 @@ def worker_ours(work: Path, cfg: dict) -> dict:
     )
     out = work / "out-ours"
     t0 = time.perf_counter()
-    metrics = distill_student(
-        work / "student", work / "data", None, dcfg, out, teacher_dir=work / "teacher", log_path=work / "ours.jsonl"
+    job = DistillJob(
+        student=Checkpoint(path=work / "student", identity=None),
+        data_dir=work / "data",
+        logits_dir=None,
+        data_sha=None,
+        distill=dcfg,
+        kd=True,
+        teacher=Checkpoint(path=work / "teacher", identity=None),
+        device="cpu",
+        out_dir=out,
+        log_path=work / "ours.jsonl",
     )
+    metrics = distill_student(job)
     stage = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     extra = {"stage_seconds": round(stage, 3), "trainer_train_runtime": round(metrics["seconds"], 3)}
@@ -224,7 +235,7 @@ def worker_trl(work: Path, cfg: dict) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(str(work / "teacher"), dtype=torch.float32).eval()
     teacher.requires_grad_(False)
 
-    def collate(batch):  # right padding, as compress.distill.trainer.make_collator does
+    def collate(batch):  # right padding, as compress.distill.batches.make_collator does
         width = max(len(ex["input_ids"]) for ex in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)

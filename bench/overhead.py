@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,15 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def direct(cfg, run_dir: Path) -> float:
     """The stages' library functions in order, without Prefect; returns the wall time."""
     from compress.data.prepare import prepare_data
+    from compress.data.prepare import standalone_job as prepare_job
     from compress.distill.recipe import distill_student
     from compress.generate.generate import generate_data
     from compress.hub import read_model_config
-    from compress.jsonl import read_jsonl
-    from compress.models import load_tokenizer, resolve_device
+    from compress.jobs import Checkpoint, DistillJob, GenerateJob, PruneJob
+    from compress.models import resolve_device
     from compress.prune.prune import prune_model
-    from evaluation.harness import evaluate_checkpoint
+    from evaluation.harness import evaluate_checkpoint, standalone_job
     from evaluation.tasks import eval_texts
-    from flows.plan import write_eval_tasks
+    from stages.preflight import write_eval_tasks
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -53,33 +53,42 @@ def direct(cfg, run_dir: Path) -> float:
     tasks_dir = run_dir / "eval" / "tasks"
     write_eval_tasks(cfg.taskworld, cfg.evaluate, tasks_dir)
     data = run_dir / "data"
-    prepare_data(
+    prepare = prepare_job(
+        teacher,
         cfg.effective_data(),
-        cfg.taskworld,
-        load_tokenizer(teacher),
-        eval_texts(cfg.evaluate, tasks_dir),
         data,
-        (cfg.prune.calibration_source, cfg.prune.calibration_samples),
+        taskworld=cfg.taskworld,
+        calibration_source=cfg.prune.calibration_source,
+        calibration_samples=cfg.prune.calibration_samples,
         max_prompt_tokens=cfg.generate.max_prompt_tokens(read_model_config(teacher)),
     )
-    rows = read_jsonl(data / "calibration.jsonl")
-    prune_model(
-        teacher,
-        [r["text"] for r in rows],
-        cfg.prune,
-        run_dir / "pruned",
-        device,
-        cfg.teacher.dtype,
-        completion_starts=[r.get("completion_start", 0) for r in rows],
+    prepare_data(prepare, eval_texts(cfg.evaluate, tasks_dir))
+    prune = PruneJob(
+        teacher=Checkpoint(path=teacher, identity=None),
+        calibration=data / "calibration.jsonl",
+        calibration_sha=None,
+        prune=cfg.prune,
+        dtype=cfg.teacher.dtype,
+        device=device,
+        out_dir=run_dir / "pruned",
     )
+    prune_model(prune)
     need_logits = cfg.distill.teacher_source == "cached"
-    generate_data(teacher, read_jsonl(data / "prompts.jsonl"), cfg.generate, run_dir, need_logits, log=lambda m: None)
+    generate_data(
+        GenerateJob(teacher=Checkpoint(path=teacher, identity=None), prompts=data / "prompts.jsonl", prompts_sha=None,
+                    generate=cfg.generate, need_logits=need_logits, device="cpu", run_dir=run_dir),
+        log=lambda m: None,
+    )  # fmt: skip
     models = {"teacher": teacher, "pruned": run_dir / "pruned"}
     for name, kd in (("student", True), ("sft", False)):
-        distill_student(run_dir / "pruned", data, run_dir / "logits", cfg.distill, run_dir / name, kd, device=device)
+        distill_student(
+            DistillJob(student=Checkpoint(path=run_dir / "pruned", identity=None), data_dir=data,
+                       logits_dir=run_dir / "logits", data_sha=None, distill=cfg.distill, kd=kd, device=device,
+                       out_dir=run_dir / name)
+        )  # fmt: skip
         models[name] = run_dir / name
     for path in models.values():
-        evaluate_checkpoint(path, cfg.evaluate, tasks_dir, device, cfg.teacher.dtype)
+        evaluate_checkpoint(standalone_job(path, cfg.evaluate, tasks_dir, device=device, dtype=cfg.teacher.dtype))
     return time.perf_counter() - t0
 
 
@@ -114,7 +123,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from compress.lineage import package_versions, write_json
+    from common import write_result
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -161,10 +170,8 @@ def main() -> None:
         "cached_rerun_s": round(rerun_s, 2),
         "first_use_s": round(first_use_s, 2),
         "targets": {"overhead_pct": 5, "cached_rerun_s": 15},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "packages": package_versions(),
     }
-    write_json(ROOT / "bench" / "results" / "overhead.json", out)
+    write_result("overhead", out)
     print(f"overhead: {overhead:+.1f}% (target < 5)   cached re-run: {rerun_s:.1f}s (target < 15)")
 
 

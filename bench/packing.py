@@ -30,16 +30,17 @@ from compress.bootstrap import answer_examples
 from compress.config import BootstrapConfig, load_config
 from compress.data.taskworld import world_splits
 from compress.data.tokenizer import build_tokenizer
-from compress.distill.trainer import _pad_id, make_collator, train_causal_lm
+from compress.distill.batches import make_collator, pad_id
+from compress.distill.trainer import TrainRun, train_causal_lm
 from compress.lineage import package_versions, write_json
 from compress.models import build_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def positions_per_step(examples: list[dict], batch_size: int, pad_id: int, pack: bool) -> float:
+def positions_per_step(examples: list[dict], batch_size: int, pad: int, pack: bool) -> float:
     """Mean token positions (padding included) of the batches, as the collator lays them out."""
-    collate = make_collator(pad_id, None, pack=pack)
+    collate = make_collator(pad, None, pack=pack)
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     return statistics.mean(collate(b)["input_ids"].numel() for b in batches)
 
@@ -65,14 +66,14 @@ def main() -> None:
             for side in ("padded", "packed"):
                 model = build_llama(cfg.arch, tok, seed=train.seed)
                 t = train.model_copy(update={"pack": side == "packed"})
-                m = train_causal_lm(None, examples, Path(tmp) / side, t, model=model, tokenizer=tok)
+                m = train_causal_lm(TrainRun(model, tok, t), examples, Path(tmp) / side)
                 runs[side].append(m)
                 print(f"{side}: {m['seconds']:.1f} s for {m['steps']} steps, final loss {m['final_loss']:.4f}")
 
     def per_step(side: str) -> float:
         return statistics.median(m["seconds"] / m["steps"] for m in runs[side])
 
-    pad_id = _pad_id(tok)
+    pad = pad_id(tok)
     result = {
         "config": args.config,
         "steps": args.steps,
@@ -81,7 +82,7 @@ def main() -> None:
         "seconds_per_step": {side: round(per_step(side), 4) for side in runs},
         "speedup": round(per_step("padded") / per_step("packed"), 3),
         "positions_per_step": {
-            side: round(positions_per_step(examples, args.batch_size, pad_id, side == "packed"), 1) for side in runs
+            side: round(positions_per_step(examples, args.batch_size, pad, side == "packed"), 1) for side in runs
         },
         "tokens_per_step": round(sum(len(e["input_ids"]) for e in examples) / args.steps, 1),
         "final_loss": {side: [round(m["final_loss"], 5) for m in runs[side]] for side in runs},

@@ -12,17 +12,12 @@ Results go to ``bench/results/plan_latency.json``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from compress.lineage import package_versions, write_json
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, write_result
 
 
 def timed(args: list[str], repeats: int) -> float:
@@ -51,10 +46,8 @@ def main() -> None:
         "baseline": {"what": "distillflow --help", "median_s": round(base, 3)},
         "ratio": round(ours / base, 3),
         "target_s": 5.0,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "packages": package_versions(),
     }
-    write_json(ROOT / "bench" / "results" / "plan_latency.json", result)
+    write_result("plan_latency", result)
     print(f"plan: {ours:.2f}s   --help: {base:.2f}s   ratio: {ours / base:.2f}x   (target: plan < 5 s)")
 
 

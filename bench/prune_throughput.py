@@ -18,35 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from common import ROOT, add_model_args, build_random_llama, write_result
 
-from compress.config import ArchConfig, PruneConfig, TaskWorldConfig
+from compress.config import PruneConfig, TaskWorldConfig
 from compress.data.taskworld import make_splits
-from compress.data.tokenizer import build_tokenizer
-from compress.lineage import package_versions, write_json
-from compress.models import build_llama, checkpoint_params, save_checkpoint
-from compress.prune.prune import prune_model
-from compress.serving.vllm_server import VLLMServer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def build_teacher(out: Path, args) -> Path:
-    tok = build_tokenizer()
-    arch = ArchConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.ffn,
-        max_position_embeddings=128,
-    )
-    return save_checkpoint(build_llama(arch, tok, seed=0), tok, out)
+from compress.models import checkpoint_params
+from compress.prune.prune import prune_model, standalone_job
+from compress.serving.vllm_server import ServerSpec, VLLMServer
 
 
 async def _complete(client: httpx.AsyncClient, url: str, model: str, prompts: list[str], max_tokens: int) -> int:
@@ -67,7 +50,8 @@ async def _serve_all(base_url: str, model: str, prompts: list[str], max_tokens: 
 def throughput(model_dir: Path, prompts: list[str], max_tokens: int, log: Path) -> dict:
     """Tokens/s of ``model_dir`` served by vLLM: the prompts in 4 concurrent requests, after a warm-up."""
     vllm_python = ROOT / ".venv-vllm" / "bin" / "python"
-    with VLLMServer(model_dir, python=vllm_python, log_path=log, dtype="bfloat16", max_model_len=128) as srv:
+    spec = ServerSpec(model_dir=model_dir, python=vllm_python, dtype="bfloat16", max_model_len=128)
+    with VLLMServer(spec, log) as srv:
         asyncio.run(_serve_all(srv.base_url, srv.served_name, prompts[:4], max_tokens, 4, srv.headers))  # warm-up
         t0 = time.perf_counter()
         tokens = asyncio.run(
@@ -79,12 +63,7 @@ def throughput(model_dir: Path, prompts: list[str], max_tokens: int, log: Path) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", type=Path, help="a checkpoint of yours instead of the built one")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=2816)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    add_model_args(ap, "--teacher")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ratio", type=float, default=0.5)
@@ -96,10 +75,10 @@ def main() -> None:
     prompts = [r["prompt"] for r in heldout]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        teacher = args.teacher or build_teacher(tmp / "teacher", args)
+        teacher = args.teacher or build_random_llama(tmp / "teacher", args)
         cfg = PruneConfig(method="both", target_ratio=args.ratio, calibration_seq_len=64)
         texts = [r["prompt"] + r["answer"] + "\n" for r in train]
-        record = prune_model(teacher, texts, cfg, tmp / "student", log=lambda m: print(m, flush=True))
+        record = prune_model(standalone_job(teacher, texts, cfg, tmp / "student"), log=lambda m: print(m, flush=True))
         results = {}
         for name, path in (("teacher", teacher), ("student", tmp / "student")):
             results[name] = throughput(path, prompts, args.max_tokens, tmp / f"{name}-vllm.log")
@@ -115,10 +94,8 @@ def main() -> None:
         "param_ratio": round(results["student"]["params"] / results["teacher"]["params"], 3),
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "packages": package_versions(),
     }
-    write_json(ROOT / "bench" / "results" / "prune_throughput.json", out)
+    write_result("prune_throughput", out)
     print(f"student/teacher tokens/s: {ratio:.2f}x at {out['param_ratio']:.2f} of the parameters")
 
 

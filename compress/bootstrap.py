@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from compress.config import BootstrapConfig
+from compress.config import ArchConfig, BootstrapConfig
 from compress.data.language import floor, language_of
 from compress.data.taskworld import BOS, END, LANG, world_splits
 from compress.data.tokenizer import build_tokenizer
-from compress.distill.trainer import Progress, encode_example, train_causal_lm
+from compress.distill.batches import encode_example
+from compress.distill.trainer import Progress, TrainRun, train_causal_lm
 from compress.lineage import sha256_path, write_json
-from compress.models import build_llama, count_params, load_model, load_tokenizer
+from compress.models import build_llama, count_params, load_model, load_tokenizer, save_checkpoint
 
 
 @torch.no_grad()
@@ -90,6 +91,16 @@ def answer_examples(tokenizer, rows: list[dict]) -> list[dict[str, list[int]]]:
     ]
 
 
+def random_llama(arch: ArchConfig, out_dir: Path, seed: int = 0) -> Path:
+    """A Llama of shape ``arch`` with random weights and the task world's tokenizer, saved to ``out_dir``.
+
+    The untrained start of a teacher; on its own, a stand-in where what the weights learned does
+    not matter (timings, shapes, plumbing: bench scripts and tests).
+    """
+    tokenizer = build_tokenizer()
+    return save_checkpoint(build_llama(arch, tokenizer, seed=seed), tokenizer, out_dir)
+
+
 def teacher_hash(cfg: BootstrapConfig) -> str:
     """Hash of what decides the teacher's weights (task world, shape, training, the checkpoint it
     starts from), not where it is saved."""
@@ -121,7 +132,7 @@ def bootstrap_teacher(
         tokenizer = build_tokenizer()
         model = build_llama(cfg.arch, tokenizer, seed=cfg.train.seed)
     examples = answer_examples(tokenizer, train_rows)
-    metrics = train_causal_lm(None, examples, out_dir, cfg.train, progress=progress, model=model, tokenizer=tokenizer)
+    metrics = train_causal_lm(TrainRun(model, tokenizer, cfg.train), examples, out_dir, progress)
     teacher = load_model(out_dir)
     tok = load_tokenizer(out_dir)
     tasks = [r for r in heldout if r["task"] != LANG]

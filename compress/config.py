@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from compress.cachekey import KeyWhen, OutOfKey
+from compress.errors import ConfigError, first_line  # noqa: F401 (re-exported: most callers import them here)
 
 TaskName = Literal[
     "rev", "sort", "cnt", "max", "add", "dup", "rot", "addc", "mul", "count", "sortl", "revrot", "lookup", "lang"
@@ -48,20 +49,12 @@ KD_ONLY = KeyWhen("kd")
 REPORT = OutOfKey("how results are reported and judged, not the results")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line that names the file and the field."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type when the message is empty."""
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # validate_default: a default is coerced like a given value (600 for a float field is 600.0), so a
+    # config that spells out a default has the same cache key as one that leaves it out.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, validate_default=True)
 
 
 def _existing_checkpoint(path: Path) -> Path:
@@ -809,7 +802,11 @@ class EvaluateConfig(StrictModel):
         return int(v) if v is not None and v >= 1 else v
 
 
-StageName = Literal["prepare", "prune", "generate", "distill", "evaluate"]
+# The pipeline's stages, in order: the one list. Each name is a module ``stages/<name>.py`` that
+# declares the stage (``stages.pipeline``); the flow, ``plan``, ``--force`` choices, the CLI help and
+# the dashboard form all derive from it.
+STAGES: tuple[str, ...] = ("prepare", "prune", "generate", "distill", "evaluate")
+StageName = Literal[STAGES]  # type: ignore[valid-type]
 
 
 class ModelRef(StrictModel):

@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from compress.config import ConfigError, first_line
+from compress.errors import ConfigError, first_line
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "gguf_source.json"

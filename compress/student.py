@@ -13,7 +13,10 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from compress.jobs import AdoptJob
 
 # What a checkpoint directory holds besides weights (weights: *.safetensors and their index).
 CHECKPOINT_FILES = (
@@ -33,15 +36,26 @@ def first_vocab_difference(a: dict[str, int], b: dict[str, int]) -> tuple[str, i
     return min(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
 
 
-def check_compatible(teacher_tok, student_tok, where: str = "student.path") -> None:
-    """Refuse a student whose vocabulary or chat template differs from the teacher's."""
+def vocab_difference(teacher_tok, student_tok) -> str | None:
+    """How the student's vocabulary differs from the teacher's, in words, or None when they are equal.
+
+    The words are the two sizes (student first) and the first id that differs, for a one-line error.
+    """
     a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
     diff = first_vocab_difference(a, b)
+    if diff is None:
+        return None
+    tok, i = diff
+    return f"{len(b):,} vs {len(a):,} tokens; first difference: id {i} {tok!r}"
+
+
+def check_compatible(teacher_tok, student_tok, where: str = "student.path") -> None:
+    """Refuse a student whose vocabulary or chat template differs from the teacher's."""
+    diff = vocab_difference(teacher_tok, student_tok)
     if diff is not None:
-        tok, i = diff
         raise StudentMismatch(
-            f"{where}: the student's vocabulary differs from the teacher's ({len(b):,} vs {len(a):,} tokens; "
-            f"first difference: id {i} {tok!r}): token-level KD needs the teacher's tokenizer"
+            f"{where}: the student's vocabulary differs from the teacher's ({diff}): "
+            "token-level KD needs the teacher's tokenizer"
         )
     ta, tb = getattr(teacher_tok, "chat_template", None) or None, getattr(student_tok, "chat_template", None) or None
     if ta != tb:
@@ -55,8 +69,8 @@ def check_compatible(teacher_tok, student_tok, where: str = "student.path") -> N
         raise StudentMismatch(f"{where}: {what}: the prompts the teacher answered would not be the student's")
 
 
-def adopt_student(student_dir: Path, teacher_params: int, out_dir: Path) -> dict[str, Any]:
-    """Copy the student checkpoint into ``out_dir`` (atomically) and return the stage's record.
+def adopt_student(job: AdoptJob) -> dict[str, Any]:
+    """Copy ``job.student``'s checkpoint into ``job.out_dir`` (atomically) and return the stage's record.
 
     The record has the prune stage's fields that later stages and the report read (parameters
     before and after, the ratio, the shapes); ``kept_layers`` is None: no layer of the student is
@@ -68,7 +82,7 @@ def adopt_student(student_dir: Path, teacher_params: int, out_dir: Path) -> dict
     from compress.prune.shape import shape_of
 
     t0 = time.time()
-    src, out_dir = Path(student_dir), Path(out_dir)
+    src, out_dir = Path(job.student.path), Path(job.out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -80,7 +94,7 @@ def adopt_student(student_dir: Path, teacher_params: int, out_dir: Path) -> dict
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    params = checkpoint_params(out_dir)
+    params, teacher_params = checkpoint_params(out_dir), checkpoint_params(job.teacher.path)
     return {
         "method": "given",
         "adopted_from": str(src),

@@ -24,9 +24,13 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.jsonl import read_jsonl, write_jsonl
+
+if TYPE_CHECKING:
+    from compress.config import FidelityConfig
+    from compress.jobs import Checkpoint, FidelityJob
 
 TASK = "fidelity"
 
@@ -68,22 +72,24 @@ def teacher_answers(
 
 
 def cached_teacher_answers(
-    teacher_dir: Path,
-    teacher_id: str,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    cache_dir: Path,
-    device: str = "cpu",
+    job: FidelityJob, prompts: list[list[int]], max_new_tokens: int, device: str = "cpu"
 ) -> list[list[int]]:
-    """``teacher_answers``, read from ``cache_dir`` when an earlier evaluation of the run made them."""
-    path = answers_path(cache_dir, teacher_id, prompts, max_new_tokens)
+    """``teacher_answers`` of ``job.teacher``, read from ``job.cache_dir`` when an earlier evaluation
+    of the run made them."""
+    path = answers_path(job.cache_dir, _teacher_key(job.teacher), prompts, max_new_tokens)
     if path.is_file():
         return [r["answer_ids"] for r in read_jsonl(path)]
-    answers = teacher_answers(teacher_dir, prompts, max_new_tokens, device)
+    answers = teacher_answers(job.teacher.path, prompts, max_new_tokens, device)
     tmp = path.with_suffix(".tmp")
     write_jsonl([{"answer_ids": a} for a in answers], tmp)
     tmp.replace(path)  # atomic: a crash leaves no half-written cache
     return answers
+
+
+def _teacher_key(teacher: Checkpoint) -> str:
+    """What names the teacher in the answers' cache: its identity, or its resolved path while the
+    identity is not known (a path names no weights, but it is all there is to tell teachers apart)."""
+    return teacher.identity if teacher.identity is not None else str(Path(teacher.path).resolve())
 
 
 def fidelity_scores(
@@ -147,23 +153,17 @@ def _stderr(values: list[float]) -> float | None:
 
 
 def evaluate_fidelity(
-    teacher_dir: Path,
-    teacher_id: str,
-    model_dir: Path,
-    prompts_file: Path,
-    limit: int,
-    max_new_tokens: int,
-    cache_dir: Path,
-    device: str = "cpu",
+    job: FidelityJob, model_dir: Path, fidelity: FidelityConfig, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Fidelity of ``model_dir`` to the teacher on the first ``limit`` held-out prompts of ``prompts_file``.
+    """Fidelity of ``model_dir`` to ``job.teacher`` on the first ``fidelity.prompts`` held-out prompts
+    of ``job.prompts``, along the teacher's answers of ``fidelity.max_new_tokens`` tokens.
 
     Returns ``{"scores": {"fidelity": {...}}, "n": {"fidelity": prompts}, "tokens": answer tokens scored}``.
     """
-    rows = read_jsonl(Path(prompts_file))[:limit]
+    rows = read_jsonl(Path(job.prompts))[: fidelity.prompts]
     if not rows:
-        raise ValueError(f"{prompts_file}: no held-out prompts for the fidelity measurement")
+        raise ValueError(f"{job.prompts}: no held-out prompts for the fidelity measurement")
     prompts = [list(r["prompt_ids"]) for r in rows]
-    answers = cached_teacher_answers(teacher_dir, teacher_id, prompts, max_new_tokens, cache_dir, device)
-    scores, tokens = fidelity_scores(teacher_dir, model_dir, prompts, answers, device)
+    answers = cached_teacher_answers(job, prompts, fidelity.max_new_tokens, device)
+    scores, tokens = fidelity_scores(job.teacher.path, model_dir, prompts, answers, device)
     return {"scores": {TASK: scores}, "n": {TASK: len(rows)}, "tokens": tokens}

@@ -9,6 +9,9 @@ Two backends run the same tasks: ``hf`` (lm-eval's in-process transformers model
 ``local-completions`` model: generation and log-likelihood tasks alike). The vLLM server is the
 generate stage's (``compress.serving``); it serves in the checkpoint's own dtype so that both
 backends score the same model.
+
+With the teacher's held-out answers in the job (``EvaluateJob.fidelity``), the checkpoint's fidelity
+to the teacher (``evaluation.fidelity``) joins the scores as task ``fidelity``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import yaml
 
 from compress.config import TASKWORLD_TASK, EvaluateConfig
 from compress.data.taskworld import END, LANG
+from compress.jobs import Checkpoint, EvaluateJob
 from compress.jsonl import write_jsonl
 from compress.lineage import write_json
-from compress.serving.vllm_server import VLLMServer
+from compress.serving.vllm_server import ServerSpec, VLLMServer
 from evaluation.tasks import (
     HUMANEVAL_PASS1,
     LANGUAGE_LM_EVAL,
@@ -135,68 +139,83 @@ def write_choice_task(rows: list[dict], tasks_dir: Path, name: str, n_choices: i
     )
 
 
-def evaluate_checkpoint(
-    model_dir: Path,
-    cfg: EvaluateConfig,
-    taskworld_dir: Path | None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    seed: int = 0,
-    label: str = "model",
-    log_dir: Path | None = None,
-    log_samples: bool = False,
-) -> dict[str, Any]:
-    """Run lm-eval on ``model_dir`` over every task of ``cfg``, in process or served by vLLM.
+def standalone_job(model_dir: Path, evaluate: EvaluateConfig, tasks_dir: Path | None, **fields: Any) -> EvaluateJob:
+    """An ``EvaluateJob`` for a checkpoint evaluated outside a run (bench scripts, tests).
+
+    Unless ``fields`` say otherwise: labelled ``model``, in float32 on the CPU, logs in ``logs/``
+    beside the checkpoint, no evaluation-set identity (nothing is cached) and no fidelity.
+    """
+    defaults: dict[str, Any] = {
+        "model": Checkpoint(path=Path(model_dir), identity=None),
+        "label": "model",
+        "eval_id": "",
+        "dtype": "float32",
+        "device": "cpu",
+        "log_dir": Path(model_dir).parent / "logs",
+    }
+    return EvaluateJob(evaluate=evaluate, tasks_dir=tasks_dir, **(defaults | fields))
+
+
+def evaluate_checkpoint(job: EvaluateJob, seed: int = 0, log_samples: bool = False) -> dict[str, Any]:
+    """Run lm-eval on ``job.model`` over every task of ``job.evaluate``, in process or served by vLLM,
+    and measure its fidelity to the teacher when ``job.fidelity`` and ``evaluate.fidelity`` are set.
 
     Returns ``{"scores": {task: {metric: {"value", "stderr"}}}, "n": {task: examples}, "seconds",
     "backend", "throughput"}``, with lm-eval's own task and metric names (a metric's filter is kept
-    when it is not ``none``, as in ``exact_match,strict-match``). ``throughput`` is the vLLM
-    serving measurement (``evaluation.throughput``) or None when it is not asked for. With
-    ``log_samples``, ``samples`` holds each task's per-example outcome in document order: the
-    generation (generation tasks) or the index of the most likely choice (log-likelihood tasks).
+    when it is not ``none``, as in ``exact_match,strict-match``); the fidelity scores and prompt
+    count join ``scores`` and ``n`` as task ``fidelity`` (``seconds`` is lm-eval's time alone).
+    ``throughput`` is the vLLM serving measurement (``evaluation.throughput``) or None when it is
+    not asked for. With ``log_samples``, ``samples`` holds each task's per-example outcome in
+    document order: the generation (generation tasks) or the index of the most likely choice
+    (log-likelihood tasks). The vLLM server logs to ``job.log_dir/vllm-eval-<label>.log``.
     """
-    from evaluation.throughput import measure_throughput, throughput_prompts
-
     t0 = time.time()
-    out: dict[str, Any] = {"backend": cfg.backend, "throughput": None}
-    log = Path(log_dir or Path(model_dir).parent / "logs") / f"vllm-eval-{label}.log"
     # The task world's per-example outcomes give its per-family scores.
-    samples = log_samples or TASK_NAME in lm_eval_names(cfg, taskworld_dir)
-    if cfg.backend == "hf":
-        args = _hf_args(model_dir, device, dtype, trust_remote_code)
-        results = _run_lm_eval("hf", args, cfg, taskworld_dir, seed, samples)
-    # One server per model, started after an in-process evaluation has let its model go.
-    if cfg.uses_vllm:
-        with serve_for_eval(model_dir, cfg, dtype, trust_remote_code, label, log) as server:
-            if cfg.backend == "vllm":
-                args = _completions_args(server, model_dir, trust_remote_code, cfg.vllm.num_concurrent)
-                # lm-eval's API models read the key from the environment only.
-                with _env(OPENAI_API_KEY=server.api_key):
-                    results = _run_lm_eval("local-completions", args, cfg, taskworld_dir, seed, samples)
-            if cfg.measures_throughput:
-                prompts = throughput_prompts(taskworld_dir, cfg.vllm.throughput_prompts)
-                out["throughput"] = measure_throughput(
-                    server.base_url,
-                    server.served_name,
-                    model_dir,
-                    prompts,
-                    cfg.vllm,
-                    server.max_model_len,
-                    server.headers,
-                )
+    samples = log_samples or TASK_NAME in lm_eval_names(job.evaluate, job.tasks_dir)
+    results, throughput = _run_backend(job, seed, samples)
+    out = {"backend": job.evaluate.backend, "throughput": throughput}
     if log_samples:
         out["samples"] = {_ours(t): _outcomes(rows) for t, rows in (results.get("samples") or {}).items()}
+    result = out | _scores_and_counts(results) | {"seconds": round(time.time() - t0, 2)}
+    if job.fidelity is not None and job.evaluate.fidelity is not None:
+        from evaluation.fidelity import evaluate_fidelity
+
+        fid = evaluate_fidelity(job.fidelity, job.model.path, job.evaluate.fidelity, job.device)
+        result["scores"] |= fid["scores"]
+        result["n"] |= fid["n"]
+    return result
+
+
+def _run_backend(job: EvaluateJob, seed: int, log_samples: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """lm-eval's results on ``job.evaluate.backend``, and the vLLM serving throughput when asked for."""
+    from evaluation.throughput import measure_throughput, throughput_prompts
+
+    evaluate, model = job.evaluate, job.model
+    throughput = None
+    if evaluate.backend == "hf":
+        results = _run_lm_eval("hf", _hf_args(job), job, seed, log_samples)
+    # One server per model, started after an in-process evaluation has let its model go.
+    if evaluate.uses_vllm:
+        log = Path(job.log_dir) / f"vllm-eval-{job.label}.log"
+        with serve_for_eval(model.path, evaluate, job.dtype, model.trust_remote_code, job.label, log) as server:
+            if evaluate.backend == "vllm":
+                # lm-eval's API models read the key from the environment only.
+                with _env(OPENAI_API_KEY=server.api_key):
+                    results = _run_lm_eval("local-completions", _completions_args(server, job), job, seed, log_samples)
+            if evaluate.measures_throughput:
+                prompts = throughput_prompts(job.tasks_dir, evaluate.vllm.throughput_prompts)
+                throughput = measure_throughput(server, model.path, prompts, evaluate.vllm)
+    return results, throughput
+
+
+def _scores_and_counts(results: dict[str, Any]) -> dict[str, Any]:
+    """``{"scores", "n"}`` of lm-eval's results, the task world's families after its own entry."""
     n = {_ours(t): v.get("effective") for t, v in (results.get("n-samples") or {}).items()}
     families = family_scores((results.get("samples") or {}).get(TASK_NAME) or [])
     scores = with_families(
         parse_scores(results["results"], results.get("higher_is_better")), {f: v for f, (v, _) in families.items()}
     )
-    return out | {
-        "scores": scores,
-        "n": n | {f: count for f, (_, count) in families.items()},
-        "seconds": round(time.time() - t0, 2),
-    }
+    return {"scores": scores, "n": n | {f: count for f, (_, count) in families.items()}}
 
 
 def family_scores(samples: list[dict[str, Any]]) -> dict[str, tuple[dict[str, dict[str, float | None]], int]]:
@@ -251,23 +270,25 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def _hf_args(model_dir: Path, device: str, dtype: str, trust_remote_code: bool) -> str:
-    args = f"pretrained={Path(model_dir).resolve()},device={device},dtype={dtype}"
-    return args + (",trust_remote_code=True" if trust_remote_code else "")
+def _hf_args(job: EvaluateJob) -> str:
+    """lm-eval's in-process ``hf`` model on the job's checkpoint, device and dtype."""
+    args = f"pretrained={Path(job.model.path).resolve()},device={job.device},dtype={job.dtype}"
+    return args + (",trust_remote_code=True" if job.model.trust_remote_code else "")
 
 
-def _completions_args(server, model_dir: Path, trust_remote_code: bool, num_concurrent: int) -> str:
+def _completions_args(server: VLLMServer, job: EvaluateJob) -> str:
     """lm-eval's ``local-completions`` against our server, with the checkpoint's own tokenizer."""
     # Token ids, not text: lm-eval tokenizes with the checkpoint's tokenizer and the server scores
     # exactly those ids (text would be re-tokenized server-side, where a BOS or a different split
     # would shift the log-likelihood slices). lm-eval's hf model keeps the tokenizer's own BOS
     # behaviour, its API models add none: ask for the BOS where the tokenizer adds one.
+    model_dir, trust_remote_code = job.model.path, job.model.trust_remote_code
     bos = tokenizer_adds_bos(model_dir, trust_remote_code)
     args = (
         f"base_url={server.base_url}/v1/completions,model={server.served_name},"
         f"tokenizer={Path(model_dir).resolve()},tokenizer_backend=huggingface,tokenized_requests=True,"
-        f"num_concurrent={num_concurrent},max_retries=3,max_length={server.max_model_len},timeout=600,"
-        f"add_bos_token={bos}"
+        f"num_concurrent={job.evaluate.vllm.num_concurrent},max_retries=3,max_length={server.max_model_len},"
+        f"timeout=600,add_bos_token={bos}"
     )
     return args + (",trust_remote_code=True" if trust_remote_code else "")
 
@@ -292,30 +313,25 @@ def _outcomes(rows: list[dict[str, Any]]) -> list[Any]:
     return out
 
 
-def _run_lm_eval(
-    model: str,
-    model_args: str,
-    cfg: EvaluateConfig,
-    taskworld_dir: Path | None,
-    seed: int,
-    log_samples: bool = False,
-) -> dict:
+def _run_lm_eval(model: str, model_args: str, job: EvaluateJob, seed: int, log_samples: bool = False) -> dict:
+    """lm-eval's ``simple_evaluate`` of ``model`` (``hf`` or ``local-completions``) on the job's tasks."""
     # Imported here: lm-eval pulls in datasets/evaluate and is only needed by this stage.
     import lm_eval
 
     from evaluation.tasks import task_manager
 
-    tm = task_manager(cfg, taskworld_dir)
+    evaluate = job.evaluate
+    tm = task_manager(evaluate, job.tasks_dir)
     return lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,
-        tasks=_with_budgets(lm_eval_names(cfg, taskworld_dir), tm, cfg),
+        tasks=_with_budgets(lm_eval_names(evaluate, job.tasks_dir), tm, evaluate),
         task_manager=tm,
-        num_fewshot=cfg.num_fewshot,
-        batch_size=cfg.batch_size,
-        limit=cfg.limit,
-        apply_chat_template=cfg.apply_chat_template,
-        fewshot_as_multiturn=cfg.fewshot_as_multiturn and cfg.apply_chat_template,
+        num_fewshot=evaluate.num_fewshot,
+        batch_size=evaluate.batch_size,
+        limit=evaluate.limit,
+        apply_chat_template=evaluate.apply_chat_template,
+        fewshot_as_multiturn=evaluate.fewshot_as_multiturn and evaluate.apply_chat_template,
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
@@ -324,7 +340,7 @@ def _run_lm_eval(
     )
 
 
-def _with_budgets(names: list[str], tm: Any, cfg: EvaluateConfig) -> list[Any]:
+def _with_budgets(names: list[str], tm: Any, evaluate: EvaluateConfig) -> list[Any]:
     """``names``, with ``humaneval_pass1`` loaded as a task that has the configured generation budget
     (and, in process, all of HumanEval's stop sequences: a server takes only some of them)."""
     from evaluation.realtext import HUMANEVAL_SERVER_STOP, HUMANEVAL_STOP
@@ -333,9 +349,11 @@ def _with_budgets(names: list[str], tm: Any, cfg: EvaluateConfig) -> list[Any]:
     if pass1 not in names:
         return names
     task = tm.load([pass1])["tasks"][pass1]
-    stop = HUMANEVAL_STOP if cfg.backend == "hf" else HUMANEVAL_SERVER_STOP
+    stop = HUMANEVAL_STOP if evaluate.backend == "hf" else HUMANEVAL_SERVER_STOP
     task.set_config(
-        key="generation_kwargs", value={"max_gen_toks": humaneval_max_gen_toks(cfg), "until": list(stop)}, update=True
+        key="generation_kwargs",
+        value={"max_gen_toks": humaneval_max_gen_toks(evaluate), "until": list(stop)},
+        update=True,
     )
     return [task if n == pass1 else n for n in names]
 
@@ -361,19 +379,18 @@ def serve_for_eval(
     model_dir: Path, cfg: EvaluateConfig, dtype: str, trust_remote_code: bool, label: str, log_path: Path
 ) -> VLLMServer:
     """A vLLM server for ``model_dir`` (the generate stage's lifecycle: own venv, loopback, group stop)."""
-    server = VLLMServer(
-        Path(model_dir),
+    spec = ServerSpec(
+        model_dir=model_dir,
         python=cfg.vllm.vllm_python,
-        log_path=log_path,
         served_name=label,
         dtype=serving_dtype(model_dir, dtype),
         max_model_len=served_length(model_dir, cfg.vllm.max_model_len),
         max_logprobs=20,
         kv_cache_gib=cfg.vllm.kv_cache_gib,
         startup_timeout_s=cfg.vllm.startup_timeout_s,
-        extra_args=["--trust-remote-code"] if trust_remote_code else None,
+        trust_remote_code=trust_remote_code,
     )
-    return server
+    return VLLMServer(spec, log_path)
 
 
 def parse_scores(

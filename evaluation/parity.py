@@ -30,11 +30,11 @@ def vllm_greedy(
 ) -> list[list[int]]:
     """Greedy token ids from our vLLM server (stopping at the model's EOS, as transformers does)."""
     from compress.generate.teacher import HTTPTeacher, Sampling
-    from compress.serving.vllm_server import VLLMServer
+    from compress.serving.vllm_server import ServerSpec, VLLMServer
 
     longest = max(len(p) for p in prompts) + max_tokens
-    with VLLMServer(Path(model_dir), python=vllm_python, log_path=log_path, dtype=dtype,
-                    max_model_len=max(longest, 256)) as server:  # fmt: skip
+    spec = ServerSpec(model_dir=model_dir, python=vllm_python, dtype=dtype, max_model_len=max(longest, 256))
+    with VLLMServer(spec, log_path) as server:
         teacher = HTTPTeacher(server.base_url, server.served_name, server.api_key, concurrency=4)
         done = asyncio.run(teacher.complete(prompts, Sampling(max_tokens=max_tokens), 0))
     return [c.ids for c in done]

@@ -11,11 +11,13 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from compress.config import EvalServingConfig
+if TYPE_CHECKING:
+    from compress.config import EvalServingConfig
+    from compress.serving.vllm_server import VLLMServer
 
 # Prompts for models evaluated on other tasks than the task world: short, plain, and varied so
 # that the server's prefix cache does not turn the measurement into a cache benchmark.
@@ -31,10 +33,10 @@ GENERIC_PROMPTS = (
 )
 
 
-def throughput_prompts(taskworld_dir: Path | None, n: int) -> list[str]:
+def throughput_prompts(tasks_dir: Path | None, n: int) -> list[str]:
     """``n`` prompts: the task world's held-out prompts when the run has them, else generic text."""
     pool: list[str] = []
-    heldout = Path(taskworld_dir) / "heldout.jsonl" if taskworld_dir else None
+    heldout = Path(tasks_dir) / "heldout.jsonl" if tasks_dir else None
     if heldout is not None and heldout.is_file():
         with heldout.open() as f:
             pool = [json.loads(line)["prompt"] for line, _ in zip(f, range(n), strict=False)]
@@ -43,22 +45,21 @@ def throughput_prompts(taskworld_dir: Path | None, n: int) -> list[str]:
 
 
 def measure_throughput(
-    base_url: str,
-    served_name: str,
-    model_dir: Path,
-    prompts: list[str],
-    cfg: EvalServingConfig,
-    max_model_len: int,
-    headers: dict[str, str] | None = None,
+    server: VLLMServer, model_dir: Path, prompts: list[str], vllm: EvalServingConfig
 ) -> dict[str, Any]:
-    """``{"tokens_per_s", "tokens", "requests", "seconds", "max_tokens", "concurrency"}`` of the server."""
+    """``{"tokens_per_s", "tokens", "requests", "seconds", "max_tokens", "concurrency"}`` of the
+    running ``server`` of ``model_dir`` (its URL, name, context length and headers), as ``vllm`` says."""
     from transformers import AutoTokenizer
 
     longest = max(len(AutoTokenizer.from_pretrained(model_dir)(p)["input_ids"]) for p in prompts)
-    max_tokens = min(cfg.throughput_tokens, max_model_len - longest)
+    max_tokens = min(vllm.throughput_tokens, server.max_model_len - longest)
     if max_tokens < 1:
-        raise ValueError(f"evaluate.vllm.max_model_len: {max_model_len} leaves no room to generate after the prompts")
-    return asyncio.run(_measure(base_url, served_name, prompts, max_tokens, cfg.throughput_concurrency, headers))
+        raise ValueError(
+            f"evaluate.vllm.max_model_len: {server.max_model_len} leaves no room to generate after the prompts"
+        )
+    return asyncio.run(
+        _measure(server.base_url, server.served_name, prompts, max_tokens, vllm.throughput_concurrency, server.headers)
+    )
 
 
 async def _measure(

@@ -14,16 +14,14 @@ from typing import Annotated
 
 import typer
 
-from compress.config import BootstrapConfig, ConfigError, PipelineConfig, load_config
+from compress.config import STAGES, BootstrapConfig, ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(help="distillflow: prune, distill and benchmark LLMs as a Prefect flow.", no_args_is_help=True)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
 ForceOpt = Annotated[
     list[str] | None,
-    typer.Option(
-        "--force", help="Re-run this stage and every stage after it (prepare, prune, generate, distill, evaluate)."
-    ),
+    typer.Option("--force", help=f"Re-run this stage and every stage after it ({', '.join(STAGES)})."),
 ]
 DEMO_CONFIG = Path("configs/tiny.yaml")
 BOOTSTRAP_CONFIG = Path("configs/bootstrap.yaml")
@@ -60,7 +58,7 @@ def _load(path: Path, overrides: list[str] | None, model_cls=PipelineConfig):
 def _preflight(cfg: PipelineConfig, full: bool):
     """The checks every run makes before its first stage (one line and exit 2 on bad input)."""
     _env_defaults()
-    from flows.plan import preflight
+    from stages.preflight import preflight
 
     pf = _guard(lambda: preflight(cfg, full=full))
     for w in pf.warnings:
@@ -119,11 +117,10 @@ def _print_summary(summary: dict, run_dir: Path, t0: float | None = None) -> Non
     typer.echo(f"\n{note}; {took}run directory: {run_dir}\nreport: {run_dir / 'report.md'}")
 
 
-@app.command()
+@app.command(help=f"Run the whole pipeline ({', '.join(STAGES)}) on CONFIG.")
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], set_: SetOpt = None, force: ForceOpt = None
 ) -> None:
-    """Run the whole pipeline (prepare, prune, generate, distill, evaluate) on CONFIG."""
     cfg = _load(config, [*(set_ or []), *_force_overrides(force)])
     _guard(lambda: _run_pipeline(cfg))
 
@@ -178,6 +175,15 @@ def plan(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], 
     from flows.plan import describe
 
     _guard(lambda: typer.echo(describe(cfg, str(config), pf)))
+
+
+@app.command()
+def stages() -> None:
+    """List the pipeline's stages in order, each with what it makes (stages/<name>.py)."""
+    from stages.pipeline import stage_specs
+
+    for spec in stage_specs():
+        typer.echo(f"{spec.name:<10}{spec.summary}")
 
 
 @app.command()

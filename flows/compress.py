@@ -6,8 +6,8 @@ as a deployment of ``prefect.yaml``: its one parameter is the ``PipelineConfig``
 dashboard renders as a form and validates with the same pydantic model. It needs no Prefect server
 (ephemeral mode) and works against a real one.
 
-The stages are declared once in ``stages.pipeline``; ``stages.runner.StageRunner`` caches them by
-content in the run directory, so a run from any Prefect home that shares ``runs/`` hits the same
+Each stage is declared once, in ``stages/<name>.py`` (``stages.pipeline``); ``stages.runner.StageRunner``
+caches them by content in the run directory, so a run from any Prefect home that shares ``runs/`` hits the same
 cache. The run directory ``runs/<name>/`` holds the checkpoints, data, logits, evaluation results,
 ``manifest.json`` (lineage), ``summary.json`` and ``report.md``.
 """
@@ -31,10 +31,10 @@ from pydantic import BaseModel
 from compress.config import PipelineConfig, TeacherConfig, load_yaml, validate
 from compress.lineage import code_version, package_versions, read_json, source_hash, write_json
 from compress.models import resolve_device
-from flows.plan import preflight, student_context, teacher_identity, write_eval_tasks
 from flows.publish import publish
 from stages.pipeline import Context, run_pipeline
-from stages.runner import StageRunner
+from stages.preflight import context, preflight
+from stages.runner import Provenance, StageRunner
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -156,24 +156,15 @@ def _setup(cfg: PipelineConfig) -> tuple[Context, StageRunner]:
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tasks_dir = run_dir / "eval" / "tasks"
-    ctx = Context(
-        run_dir=run_dir,
-        teacher_dir=pf.teacher.path,
-        teacher_id=teacher_identity(cfg, pf.teacher),
-        eval_id=write_eval_tasks(cfg.taskworld, cfg.evaluate, tasks_dir),
-        tasks_dir=tasks_dir,
-        device=device,
-        model_config=pf.model_config,
-    )
-    ctx.student_dir, ctx.student_id = student_context(cfg, pf)
-    # The teacher's source beside the stages' records (which name it by teacher_id only): its
+    ctx = context(cfg, pf, run_dir / "eval" / "tasks", device)
+    # The teacher's source beside the stages' records (which name it by its identity only): its
     # directory, and its hub id @ commit or the GGUF file and sha256 it was converted from.
     manifest = read_json(run_dir / "manifest.json", default={"stages": {}})
-    write_json(run_dir / "manifest.json", manifest | {"teacher": pf.teacher.lineage() | {"identity": ctx.teacher_id}})
-    runner = StageRunner(
-        run_dir, source_hash(), code_version(), package_versions(), device, cfg.force, cfg.concurrency_limit
+    write_json(
+        run_dir / "manifest.json", manifest | {"teacher": pf.teacher.lineage() | {"identity": ctx.teacher.identity}}
     )
+    provenance = Provenance(source_hash(), device, code_version(), package_versions())
+    runner = StageRunner(run_dir, provenance, cfg.force, cfg.concurrency_limit)
     return ctx, runner
 
 

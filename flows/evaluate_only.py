@@ -14,14 +14,15 @@ import yaml
 from prefect import flow
 
 from compress.config import EvaluateOnlyConfig
+from compress.jobs import Checkpoint, EvaluateJob
 from compress.lineage import code_version, hash_cache_file, package_versions, sha256_path_cached, source_hash
 from compress.models import resolve_device
 from evaluation.tasks import check_tasks
 from flows.compress import PipelineResult
-from flows.plan import check_evaluation, write_eval_tasks
 from flows.publish import publish
-from stages.pipeline import evaluate_stage
-from stages.runner import StageRunner
+from stages.evaluate import check_evaluation, evaluate_stage
+from stages.preflight import write_eval_tasks
+from stages.runner import Provenance, StageRunner
 
 
 @flow(name="evaluate-only", flow_run_name="{config.name}")
@@ -38,23 +39,25 @@ def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> Pipeline
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tasks_dir = run_dir / "eval" / "tasks"
     eval_id = write_eval_tasks(cfg.taskworld, cfg.evaluate, tasks_dir)
-    runner = StageRunner(run_dir, source_hash(), code_version(), package_versions(), device)
+    runner = StageRunner(run_dir, Provenance(source_hash(), device, code_version(), package_versions()))
     evaluated = {}
     for m in cfg.models:
         path = Path(m.path).resolve()
-        model_sha = sha256_path_cached(path, hash_cache_file(cfg.runs_dir))
-        stage = evaluate_stage(
-            m.name,
-            path,
-            model_sha,
-            cfg.evaluate,
-            tasks_dir,
-            eval_id,
-            device,
-            cfg.dtype,
-            cfg.trust_remote_code,
-            run_dir / "logs",
+        model = Checkpoint(
+            path=path,
+            identity=sha256_path_cached(path, hash_cache_file(cfg.runs_dir)),
+            trust_remote_code=cfg.trust_remote_code,
         )
-        evaluated[m.name] = runner(stage).result
+        job = EvaluateJob(
+            label=m.name,
+            model=model,
+            evaluate=cfg.evaluate,
+            tasks_dir=tasks_dir,
+            eval_id=eval_id,
+            dtype=cfg.dtype,
+            device=device,
+            log_dir=run_dir / "logs",
+        )
+        evaluated[m.name] = runner(evaluate_stage(job)).result
     summary = publish(cfg.name, run_dir, evaluated, runner.stages, artifact_prefix="evaluate")
     return PipelineResult(run_dir=str(run_dir), summary=summary)

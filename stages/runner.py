@@ -1,10 +1,12 @@
 """The one mechanism that turns a declared stage into a cached, recorded Prefect task run.
 
-A stage is declared once (``Stage``): its name, its Prefect task and arguments, the content that
-decides its outputs (configs, input hashes), its lineage inputs and its output paths. ``StageRunner``
-then does the bookkeeping for every stage alike:
+A stage run is declared once (``Stage``): its name, its typed job (``compress.jobs``), the plain
+function that does the work (the task body), its lineage inputs and its output paths. The stage
+modules (``stages/<name>.py``) declare them; ``StageRunner`` then does the bookkeeping for every
+stage alike:
 
-- derives the cache key: sha256 over the stage name, its key content and the library source;
+- derives the cache key: sha256 over the stage name, the job's key (``Job.key``: every field that
+  can change the outputs, ``compress.cachekey``) and the library source;
 - decides hit or miss from the run directory alone: the manifest records this key and every output
   is still there with the sha256 it had when it was recorded. Prefect's own cache records live in
   the Prefect home and point at result storage there, so a worker with another home (or another
@@ -12,52 +14,39 @@ then does the bookkeeping for every stage alike:
 - on a hit, calls the task in replay mode, so the dashboard and the API show a task run in state
   ``Cached`` with the recorded result, and no work is done;
 - ``force`` re-runs a stage and every stage after it;
-- records the manifest entry (config hash, inputs, output hashes, code and package versions,
-  device, timing, peak memory, status) and takes a slot of a Prefect global concurrency limit for
-  heavy stages when ``concurrency_limit`` is set.
+- records the manifest entry (the job, its hash, inputs, output hashes, code and package versions,
+  device, timing, peak memory (``stages.memory``), status) and takes a slot of a Prefect global
+  concurrency limit for heavy stages when ``concurrency_limit`` is set.
 
-Peak memory (``peak_rss_mb``, MiB) is sampled: a background thread sums the resident set of this
-process and every descendant the stage starts (torchrun ranks, the vLLM server and its engine)
-while the stage runs (``PeakRSS``). ``getrusage``'s ``ru_maxrss`` is recorded beside it (``maxrss_mb``) but cannot
-stand for the stage: it is the process's lifetime peak, which never goes down ("peak so far"), and
-``RUSAGE_CHILDREN`` covers only children already waited for, as the largest single one.
-
-Nothing here knows what a stage does: a new stage is one ``Stage(...)`` in the flow.
+Nothing here knows what a stage does: a new stage is a module ``stages/<name>.py`` and its name in
+``compress.config.STAGES`` (see ``stages.pipeline``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import resource
-import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-from pydantic import BaseModel
-
-from compress.config import config_hash
+from compress import config
+from compress.jobs import Job
 from compress.lineage import hash_cache_file, read_json, record_stage, sha256_path_cached
-
-# Stage families in pipeline order: forcing one re-runs it and every family after it.
-ORDER = ("prepare", "prune", "generate", "distill", "evaluate")
+from stages.memory import PeakRSS, maxrss_mb
 
 
 @dataclass
 class Stage:
-    """A pipeline stage, declared once."""
+    """One stage run, declared once by its stage module."""
 
-    name: str  # manifest name, e.g. "distill_student"; its family is the part before "_"
-    task: str  # name of the Prefect task around the library function (stages.prefect_tasks.TASKS)
-    params: dict[str, Any]  # the task's arguments (paths as strings, configs)
-    key: list[Any]  # content that decides the outputs: configs, input hashes, settings
-    inputs: dict[str, str] = field(default_factory=dict)  # lineage: input name -> content hash
+    name: str  # manifest name, e.g. "distill_student"; its family (its module) is the part before "_"
+    job: Job  # everything the body needs; its key decides the outputs
+    body: Callable[[Any], dict[str, Any]]  # the work: body(job) -> a small dict of paths and metrics
+    inputs: dict[str, str | None] = field(default_factory=dict)  # lineage: input name -> content hash
     outputs: dict[str, Path] = field(default_factory=dict)  # output name -> path in the run dir
-    config: BaseModel | None = None  # recorded as the stage's config hash
     heavy: bool = True  # takes a slot of the global concurrency limit when one is set
 
     @property
@@ -67,90 +56,36 @@ class Stage:
 
 @dataclass
 class Done:
-    """What a stage left behind: its result, its outputs' sha256, whether it was a hit, how long it took."""
+    """What a stage left behind: its result, its outputs (paths, sha256), whether it was a hit, how long it took."""
 
     result: dict[str, Any]
     hashes: dict[str, str]
     cached: bool
     seconds: float
+    paths: dict[str, Path] = field(default_factory=dict)  # the stage's declared outputs
+
+    def output(self, name: str) -> tuple[Path, str | None]:
+        """An output for a downstream stage: its path (declared once, by this stage) and its sha256
+        (None while unknown: ``plan``, before the stage has run)."""
+        return self.paths[name], self.hashes.get(name)
 
 
-MIB = 2**20
-
-
-def tree_rss(proc: psutil.Process, skip: frozenset[psutil.Process] = frozenset()) -> int:
-    """Resident bytes of ``proc`` and all its descendants but those in ``skip`` and theirs (pages
-    shared between processes count in each)."""
-    total, todo = 0, [proc]
-    while todo:
-        p = todo.pop()
-        # A process that exited between listing and reading counts for nothing.
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-            todo += [c for c in p.children() if c not in skip]
-    return total
-
-
-def maxrss_mb() -> dict[str, float]:
-    """``getrusage`` peaks in MiB: this process's lifetime peak and the largest reaped child's."""
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    unit = 1 if sys.platform == "darwin" else 1024
-    return {
-        who: round(resource.getrusage(flag).ru_maxrss * unit / MIB, 1)
-        for who, flag in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))
-    }
-
-
-class PeakRSS:
-    """Peak resident memory (MiB) of this process tree while the ``with`` block runs.
-
-    A daemon thread samples ``tree_rss`` every ``interval_s`` (and once at entry and exit), so a
-    spike shorter than the interval can be missed; memory that a stage holds (weights, optimizer
-    state, a server) is not. Children already running at entry (the ephemeral Prefect API server
-    a flow starts, say) are not the block's and are left out; children it starts (torchrun ranks,
-    a vLLM server) count. psutil sums RSS, so pages shared between processes count once per
-    process: an upper bound for forked workers.
-    """
-
-    def __init__(self, pid: int | None = None, interval_s: float = 0.2):
-        self.proc = psutil.Process(pid)
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self._before: frozenset[psutil.Process] = frozenset()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
-
-    @property
-    def peak_mb(self) -> float:
-        return round(self.peak_bytes / MIB, 1)
-
-    def sample(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, tree_rss(self.proc, self._before))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> PeakRSS:
-        # psutil.Process compares by pid and start time: a reused pid is not mistaken for an old child.
-        with contextlib.suppress(psutil.Error):
-            self._before = frozenset(self.proc.children())
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
-def stage_key(stage: str, parts: list[Any], code: str) -> str:
-    """Cache key: sha256 over the stage name, each key part (config hash or text) and the code hash."""
+def stage_key(stage: str, job_key: str, code: str) -> str:
+    """Cache key: sha256 over the stage name, its job's key and the code hash."""
     h = hashlib.sha256(stage.encode())
-    for p in (*parts, code):
-        h.update(b"\0" + (config_hash(p) if isinstance(p, BaseModel) else str(p)).encode())
+    for p in (job_key, code):
+        h.update(b"\0" + p.encode())
     return f"distillflow-{stage}-{h.hexdigest()[:32]}"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a run's outputs are made, recorded with every stage: code, packages, device."""
+
+    code: str  # sha256 of the library source: part of every cache key
+    device: str
+    code_version: str = ""  # git commit (and "-dirty"), for the record
+    packages: dict[str, str] = field(default_factory=dict)
 
 
 class StageRunner:
@@ -159,26 +94,23 @@ class StageRunner:
     def __init__(
         self,
         run_dir: Path,
-        code: str,
-        code_version: str,
-        packages: dict[str, str],
-        device: str,
+        provenance: Provenance,
         force: list[str] | None = None,
         concurrency_limit: str | None = None,
     ):
         self.run_dir = Path(run_dir)
-        self.code, self.code_version, self.packages, self.device = code, code_version, packages, device
-        self.force_from = min((ORDER.index(f) for f in force or []), default=len(ORDER))
+        self.provenance = provenance
+        self.force_from = min((config.STAGES.index(f) for f in force or []), default=len(config.STAGES))
         self.concurrency_limit = concurrency_limit
         self.hash_cache = hash_cache_file(self.run_dir.parent)
         self.stages: dict[str, dict[str, Any]] = {}
 
     def key(self, stage: Stage) -> str:
-        return stage_key(stage.name, stage.key, self.code)
+        return stage_key(stage.name, stage.job.key(), self.provenance.code)
 
     def recorded_hit(self, stage: Stage, key: str) -> dict[str, Any] | None:
         """The manifest record of a hit: same key, every output present with its recorded sha256."""
-        if ORDER.index(stage.family) >= self.force_from:
+        if config.STAGES.index(stage.family) >= self.force_from:
             return None
         rec = (read_json(self.run_dir / "manifest.json", default={}) or {}).get("stages", {}).get(stage.name)
         if not rec or rec.get("cache_key") != key or "result" not in rec:
@@ -195,14 +127,14 @@ class StageRunner:
     def __call__(self, stage: Stage) -> Done:
         from prefect.logging import get_run_logger
 
-        from stages.prefect_tasks import TASKS
+        from stages.prefect_task import stage_task
 
         key = self.key(stage)
         hit = self.recorded_hit(stage, key)
         t0 = time.time()
         with PeakRSS() as rss, self._slot(stage, hit is None):
-            task = TASKS[stage.task].with_options(task_run_name=stage.name)
-            state = task(**stage.params, replay=hit["result"] if hit else None, return_state=True)
+            task = stage_task(stage.body).with_options(task_run_name=stage.name)
+            state = task(stage.job, replay=hit["result"] if hit else None, return_state=True)
         result = state.result()
         seconds = round(time.time() - t0, 2)
         hashes = {name: self._hash(p) for name, p in stage.outputs.items()}
@@ -216,13 +148,14 @@ class StageRunner:
             {
                 "status": "cached" if cached else "completed",
                 "cache_key": key,
-                "config_hash": config_hash(stage.config) if stage.config is not None else None,
+                "job": stage.job.model_dump(mode="json"),
+                "job_key": stage.job.key(),
                 "inputs": stage.inputs,
                 "outputs": hashes,
-                "code_hash": self.code,
-                "code_version": self.code_version,
-                "packages": self.packages,
-                "device": self.device,
+                "code_hash": self.provenance.code,
+                "code_version": self.provenance.code_version,
+                "packages": self.provenance.packages,
+                "device": self.provenance.device,
                 "seconds": seconds,
                 # The original run time survives cache hits, for the stage table.
                 "ran_seconds": ran,
@@ -246,7 +179,7 @@ class StageRunner:
             seconds,
             rss.peak_mb,
         )
-        return Done(result, hashes, cached, seconds)
+        return Done(result, hashes, cached, seconds, stage.outputs)
 
     def _slot(self, stage: Stage, will_run: bool):
         """A slot of the global concurrency limit (``prefect gcl create NAME --limit N``) for heavy work."""
@@ -264,14 +197,14 @@ class PlanRunner(StageRunner):
     predicted to run as well.
     """
 
-    def __init__(self, run_dir: Path, code: str, device: str, force: list[str] | None = None):
-        super().__init__(run_dir, code, "", {}, device, force)
+    def __init__(self, run_dir: Path, provenance: Provenance, force: list[str] | None = None):
+        super().__init__(run_dir, provenance, force)
         self.status: list[tuple[str, str]] = []
 
     def __call__(self, stage: Stage) -> Done:
-        known = all(p is not None for p in stage.key)
+        known = all(h is not None for h in stage.inputs.values())
         rec = self.recorded_hit(stage, self.key(stage)) if known else None
         self.status.append((stage.name, "cache hit" if rec else "will run"))
         if rec is None:
-            return Done({}, {name: None for name in stage.outputs}, False, 0.0)  # type: ignore[misc]
-        return Done(rec["result"], rec["outputs"], True, 0.0)
+            return Done({}, {name: None for name in stage.outputs}, False, 0.0, stage.outputs)  # type: ignore[misc]
+        return Done(rec["result"], rec["outputs"], True, 0.0, stage.outputs)

@@ -30,17 +30,13 @@ def prefect_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 4-layer Llama with the task-world tokenizer, saved as a checkpoint."""
+    from compress.bootstrap import random_llama
     from compress.config import ArchConfig
-    from compress.data.tokenizer import build_tokenizer
-    from compress.models import build_llama, save_checkpoint
 
-    out = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tok = build_tokenizer()
     arch = ArchConfig(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128
     )
-    save_checkpoint(build_llama(arch, tok, seed=0), tok, out)
-    return out
+    return random_llama(arch, tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 # A chat template for the tiny task-world teacher (it has none): turns as "role: text" lines, so a

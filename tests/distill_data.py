@@ -8,12 +8,14 @@ transformers backend: ``data/train.jsonl`` and ``logits/`` (``compress.generate.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from compress.config import GenerateConfig, TaskWorldConfig
+from compress.config import DistillConfig, GenerateConfig, TaskWorldConfig
 from compress.data.taskworld import make_splits
 from compress.generate.generate import vocab_size
 from compress.generate.run import Generator
 from compress.generate.teacher import HFTeacher
+from compress.jobs import Checkpoint, DistillJob
 from compress.models import load_tokenizer
 from tests.conftest import ROOT
 
@@ -37,3 +39,21 @@ def make_distill_data(
     gen = Generator(rows, cfg, HFTeacher(teacher_dir), load_tokenizer(teacher_dir), out / "generate.work")
     gen.run(out / "data", out / "logits", vocab_size(teacher_dir))
     return out
+
+
+def distill_job(student: Path, data: Path, distill: DistillConfig, out: Path, **fields: Any) -> DistillJob:
+    """A distill job on ``make_distill_data``'s output ``data``: KD from its cache on CPU, unless
+    ``fields`` say otherwise; ``teacher=<a path>`` is the online teacher's checkpoint."""
+    teacher = fields.pop("teacher", None)
+    job = {
+        "student": Checkpoint(path=student, identity=None),
+        "data_dir": data / "data",
+        "logits_dir": data / "logits",
+        "data_sha": None,
+        "distill": distill,
+        "kd": True,
+        "teacher": Checkpoint(path=teacher, identity=None) if teacher is not None else None,
+        "device": "cpu",
+        "out_dir": out,
+    }
+    return DistillJob(**job | fields)

@@ -100,33 +100,37 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(
-    path: Path,
-    arch: str = "llama",
-    num_layers: int = 2,
-    tied: bool = True,
-    seed: int = 0,
-    name: str = "tiny-llama",
-    tokenizer_model: str = "gpt2",
-) -> TinyGGUF:
-    """Write a tiny Llama with its tokenizer to ``path`` as an F32 GGUF.
+@dataclass(frozen=True)
+class GGUFSpec:
+    """What varies between the tiny GGUF files: the metadata's names, the depth, the tying, the seed.
 
     ``arch`` and ``tokenizer_model`` only name them in the metadata (the tensors stay a Llama's and
     the vocabulary a byte-level BPE), so a test can write a file transformers refuses.
     """
+
+    arch: str = "llama"
+    num_layers: int = 2
+    tied: bool = True
+    seed: int = 0
+    name: str = "tiny-llama"
+    tokenizer_model: str = "gpt2"
+
+
+def write_tiny_gguf(path: Path, spec: GGUFSpec = GGUFSpec()) -> TinyGGUF:
+    """Write a tiny Llama with its tokenizer to ``path`` as an F32 GGUF, as ``spec`` says."""
     import gguf
 
     tokens, types, merges = byte_bpe()
-    model = reference_llama(len(tokens), num_layers, tied, seed)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, num_layers)
+    model = reference_llama(len(tokens), spec.num_layers, spec.tied, spec.seed)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, spec.num_layers)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name(name)
+    w = gguf.GGUFWriter(path, spec.arch)
+    w.add_name(spec.name)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_context_length(CONTEXT)
     w.add_embedding_length(HIDDEN)
-    w.add_block_count(num_layers)
+    w.add_block_count(spec.num_layers)
     w.add_feed_forward_length(FFN)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
@@ -134,7 +138,7 @@ def write_tiny_gguf(
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_model(spec.tokenizer_model)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -144,7 +148,7 @@ def write_tiny_gguf(
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
     for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
+        if spec.tied and hf_name == "lm_head.weight":
             continue  # a tied GGUF has no output.weight: the loader ties it to token_embd
         base, suffix = hf_name.rsplit(".", 1)
         data = tensor.detach().float().numpy().copy()

@@ -87,16 +87,10 @@ def test_byo_qwen2_chat_data_local_tasks(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
     # ... and the vLLM server serves it.
-    from compress.serving.vllm_server import VLLMServer
+    from compress.serving.vllm_server import ServerSpec, VLLMServer
 
-    with VLLMServer(
-        student,
-        python=VLLM_PYTHON,
-        log_path=tmp_path / "student-vllm.log",
-        dtype="float32",
-        max_model_len=128,
-        served_name="student",
-    ) as server:
+    spec = ServerSpec(model_dir=student, python=VLLM_PYTHON, dtype="float32", max_model_len=128, served_name="student")
+    with VLLMServer(spec, tmp_path / "student-vllm.log") as server:
         import httpx
 
         r = httpx.post(

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.distill.chunked import DenseTeacher, Head, SampledTeacher, TopKTeacher, kd_ce_sums
+from compress.distill.chunked import DenseTeacher, Head, KDMix, SampledTeacher, TopKTeacher, kd_ce_sums
 from compress.distill.losses import LOSSES, LossSpec, dense_loss, sampled_loss, topk_loss
 
 N, H, V = 37, 16, 50  # N is not a multiple of the chunk sizes below
@@ -42,7 +42,7 @@ def test_chunked_equals_unchunked_online_teacher(name, chunk):
     hidden, head, labels, t_hidden, t_head = _setup(softcap=30.0 if name == "jsd" else None)
     spec = LossSpec(name, temperature=1.5)
     teacher = DenseTeacher(hidden=t_hidden, head=t_head)
-    got, kd, ce = kd_ce_sums(hidden, head, labels, teacher, spec, kd_weight=0.7, chunk_size=chunk)
+    got, kd, ce = kd_ce_sums(hidden, head, labels, teacher, KDMix(spec, kd_weight=0.7, chunk_size=chunk))
     want, kd_ref, ce_ref = _reference(hidden, head, labels, lambda z: dense_loss(spec, z, t_head.logits(t_hidden)), 0.7)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(kd, kd_ref.detach(), atol=1e-4, rtol=1e-5)
@@ -68,7 +68,7 @@ def test_chunked_equals_unchunked_topk_and_sampled(name, tail):
         (SampledTeacher(s_ids, c, s_lp), lambda z: sampled_loss(spec, z, s_ids, c, s_lp)),
     ]
     for teacher, loss_of in cases:
-        got, _, _ = kd_ce_sums(hidden, head, labels, teacher, spec, kd_weight=0.5, chunk_size=5)
+        got, _, _ = kd_ce_sums(hidden, head, labels, teacher, KDMix(spec, kd_weight=0.5, chunk_size=5))
         want, _, _ = _reference(hidden, head, labels, loss_of, 0.5)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
         for g1, g2 in zip(_grads(got, [hidden, head.weight]), _grads(want, [hidden, head.weight]), strict=True):
@@ -78,7 +78,7 @@ def test_chunked_equals_unchunked_topk_and_sampled(name, tail):
 def test_ce_only_and_frozen_head_and_no_grad():
     hidden, head, labels, _, _ = _setup(seed=3)
     frozen = Head(head.weight.detach(), head.bias.detach())
-    got, kd, _ = kd_ce_sums(hidden, frozen, labels, None, LossSpec(), kd_weight=0.0, chunk_size=7)
+    got, kd, _ = kd_ce_sums(hidden, frozen, labels, None, KDMix(LossSpec(), kd_weight=0.0, chunk_size=7))
     want = F.cross_entropy(frozen.logits(hidden), labels, reduction="sum")
     torch.testing.assert_close(got, want)
     assert kd.item() == 0.0 and not kd.requires_grad
@@ -86,11 +86,11 @@ def test_ce_only_and_frozen_head_and_no_grad():
     (g_ref,) = torch.autograd.grad(want, hidden)
     torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        loss, _, _ = kd_ce_sums(hidden, head, labels, None, LossSpec(), kd_weight=0.0)
+        loss, _, _ = kd_ce_sums(hidden, head, labels, None, KDMix(LossSpec(), kd_weight=0.0))
     assert not loss.requires_grad
 
 
 def test_kd_needs_a_teacher():
     hidden, head, labels, _, _ = _setup()
     with pytest.raises(ValueError, match="needs a teacher"):
-        kd_ce_sums(hidden, head, labels, None, LossSpec(), kd_weight=0.5)
+        kd_ce_sums(hidden, head, labels, None, KDMix(LossSpec(), kd_weight=0.5))

@@ -17,18 +17,20 @@ import torch
 from safetensors.torch import load_file
 
 from compress.config import DistillConfig, KDLoss
+from compress.distill.batches import encode_example, make_collator
+from compress.distill.heads import shared_vocab
+from compress.distill.hidden_mse import HiddenMSE
 from compress.distill.losses import LOSSES
-from compress.distill.recipe import DistillJob, distill_student
-from compress.distill.trainer import HiddenMSE, encode_example, make_collator, shared_vocab
+from compress.distill.recipe import distill_student
 from compress.generate.cache import LogitCache
 from compress.generate.teacher import parse_choice
 from compress.jsonl import read_jsonl
 from compress.lineage import read_json, write_json
 from compress.models import load_model, load_tokenizer, save_checkpoint
-from compress.serving.vllm_server import VLLMServer
+from compress.serving.vllm_server import ServerSpec, VLLMServer
 from evaluation.plots import read_loss_log
 from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
-from tests.distill_data import TEACHER, make_distill_data
+from tests.distill_data import TEACHER, distill_job, make_distill_data
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_config_errors_are_clear():
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_trains_from_the_cache_and_logs_kd_and_ce(loss, data, student, tmp_path):
     log = tmp_path / "log.jsonl"
-    m = distill_student(student, data / "data", data / "logits", _cfg(loss=loss), tmp_path / "out", log_path=log)
+    m = distill_student(distill_job(student, data, _cfg(loss=loss), tmp_path / "out", log_path=log))
     rows = read_loss_log(log)
     assert m["steps"] == 6 and rows and all({"loss", "kd", "ce", "step"} <= r.keys() for r in rows)
     assert all(torch.isfinite(torch.tensor([r["loss"], r["kd"], r["ce"]])).all() for r in rows)
@@ -92,9 +94,11 @@ def test_online_teacher_equals_cache_when_k_is_the_vocabulary(tmp_path, student)
     full = make_distill_data(tmp_path / "full", n=16, k=vocab)
     cfg = {"loss": "jsd", "train": {"max_steps": 3, "batch_size": 8}}
     logs = {"cached": tmp_path / "cached.jsonl", "online": tmp_path / "online.jsonl"}
-    distill_student(student, full / "data", full / "logits", _cfg(**cfg), tmp_path / "c", log_path=logs["cached"])
+    distill_student(distill_job(student, full, _cfg(**cfg), tmp_path / "c", log_path=logs["cached"]))
     online = _cfg(teacher_source="online", **cfg)
-    distill_student(student, full / "data", None, online, tmp_path / "o", teacher_dir=TEACHER, log_path=logs["online"])
+    distill_student(
+        distill_job(student, full, online, tmp_path / "o", logits_dir=None, teacher=TEACHER, log_path=logs["online"])
+    )
     cached, live = read_loss_log(logs["cached"]), read_loss_log(logs["online"])
     assert len(cached) == len(live) == 3
     # Step 1 starts from the same weights: the same KD up to float32 rounding of the teacher's forward
@@ -116,9 +120,7 @@ def test_sampled_cache_estimates_the_dense_kl(tmp_path, student):
     for name, d in (("dense", dense), ("sampled", sampled)):
         logs[name] = (
             read_loss_log(tmp_path / f"{name}.jsonl")
-            if distill_student(
-                student, d / "data", d / "logits", cfg, tmp_path / name, log_path=tmp_path / f"{name}.jsonl"
-            )
+            if distill_student(distill_job(student, d, cfg, tmp_path / name, log_path=tmp_path / f"{name}.jsonl"))
             else None
         )
     # Same completions (greedy), same CE; the KD estimate within a few percent of the exact value.
@@ -130,15 +132,15 @@ def test_sampled_cache_estimates_the_dense_kl(tmp_path, student):
 def test_hidden_mse_with_a_projection_is_trained_and_not_saved(tmp_path, data):
     """A narrower student (width pruned): the learned projection maps its states to the teacher's."""
     from compress.config import PruneConfig
-    from compress.prune.prune import prune_model
+    from compress.prune.prune import prune_model, standalone_job
 
     texts = [r["prompt"] + r["completion"] for r in read_jsonl(data / "data" / "train.jsonl")]
-    prune_model(TEACHER, texts, PruneConfig(method="width", hidden_size=96), tmp_path / "narrow", log=lambda _: 0)
+    narrow = standalone_job(TEACHER, texts, PruneConfig(method="width", hidden_size=96), tmp_path / "narrow")
+    prune_model(narrow, log=lambda _: 0)
     log = tmp_path / "log.jsonl"
     cfg = _cfg(teacher_source="online", hidden_weight=1.0, loss="forward_kl", save_steps=3)
-    m = distill_student(
-        tmp_path / "narrow", data / "data", None, cfg, tmp_path / "out", teacher_dir=TEACHER, log_path=log
-    )
+    job = distill_job(tmp_path / "narrow", data, cfg, tmp_path / "out", logits_dir=None, teacher=TEACHER, log_path=log)
+    m = distill_student(job)
     rows = read_loss_log(log)
     assert m["steps"] == 6 and all(r["hidden_mse"] > 0 for r in rows)
     assert rows[-1]["hidden_mse"] < rows[0]["hidden_mse"]
@@ -167,14 +169,16 @@ def test_the_pruned_layers_reach_the_hidden_state_loss(data, student, tmp_path):
     """distill_student hands the kept layers to the loss: a map that does not fit is refused."""
     cfg = _cfg(teacher_source="online", hidden_weight=1.0, loss="forward_kl")
     with pytest.raises(ValueError, match=r"layer map \[0\] does not fit"):
-        distill_student(student, data / "data", None, cfg, tmp_path / "out", teacher_dir=TEACHER, teacher_layers=[0])
+        distill_student(
+            distill_job(student, data, cfg, tmp_path / "out", logits_dir=None, teacher=TEACHER, teacher_layers=[0])
+        )
 
 
 def test_gradient_accumulation_takes_the_same_steps(data, student, tmp_path):
     """batch 8 in one micro-batch, or two of 4: the loss is normalised by the step's token count."""
-    one = distill_student(student, data / "data", data / "logits", _cfg(), tmp_path / "one", log_path=tmp_path / "1")
+    one = distill_student(distill_job(student, data, _cfg(), tmp_path / "one", log_path=tmp_path / "1"))
     cfg = _cfg(train={"gradient_accumulation_steps": 2})
-    two = distill_student(student, data / "data", data / "logits", cfg, tmp_path / "two", log_path=tmp_path / "2")
+    two = distill_student(distill_job(student, data, cfg, tmp_path / "two", log_path=tmp_path / "2"))
     assert one["steps"] == two["steps"] == 6
     a, b = read_loss_log(tmp_path / "1"), read_loss_log(tmp_path / "2")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
@@ -210,12 +214,12 @@ def test_a_packed_row_gives_each_example_its_own_logits():
 def test_packed_batches_train_like_padded_ones(source, data, student, tmp_path):
     """``train.pack``: the same loss curve and weights as padded batches, cached or online teacher."""
     kw = {"teacher_source": "online"} if source == "online" else {}
-    logits, teacher = (None, TEACHER) if source == "online" else (data / "logits", None)
+    teacher_fields = {"logits_dir": None, "teacher": TEACHER} if source == "online" else {}
     runs = {}
     for pack in (False, True):
         cfg = _cfg(train={"pack": pack}, **kw)
         out, log = tmp_path / f"p{pack}", tmp_path / f"p{pack}.jsonl"
-        distill_student(student, data / "data", logits, cfg, out, teacher_dir=teacher, log_path=log)
+        distill_student(distill_job(student, data, cfg, out, log_path=log, **teacher_fields))
         runs[pack] = (read_loss_log(log), _weights(out))
     (a, wa), (b, wb) = runs[False], runs[True]
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
@@ -235,10 +239,7 @@ def test_vocab_padding_is_aligned_and_other_tokenizers_are_refused(tmp_path):
 
 
 def _job_file(tmp_path: Path, data: Path, student: Path, out: Path, cfg: DistillConfig) -> Path:
-    job = DistillJob(
-        student_dir=student, data_dir=data / "data", logits_dir=data / "logits", cfg=cfg, out_dir=out,
-        log_path=out.with_name(out.name + ".log.jsonl"),
-    )  # fmt: skip
+    job = distill_job(student, data, cfg, out, log_path=out.with_name(out.name + ".log.jsonl"))
     path = tmp_path / f"{out.name}.job.json"
     write_json(path, job.model_dump(mode="json"))
     return path
@@ -288,7 +289,7 @@ def test_two_processes_give_the_loss_curve_of_one(data, student, tmp_path):
         cfg = _cfg(num_processes=n, train={"max_steps": 6, "batch_size": 8})
         out = tmp_path / f"p{n}"
         logs[n] = tmp_path / f"p{n}.jsonl"
-        m = distill_student(student, data / "data", data / "logits", cfg, out, log_path=logs[n])
+        m = distill_student(distill_job(student, data, cfg, out, log_path=logs[n]))
         assert m["steps"] == 6 and m["processes"] == n
     one, two = read_loss_log(logs[1]), read_loss_log(logs[2])
     assert [r["step"] for r in one] == [r["step"] for r in two]
@@ -305,7 +306,7 @@ def test_two_processes_give_the_loss_curve_of_one(data, student, tmp_path):
 def test_lora_student_is_a_plain_checkpoint_that_vllm_serves(data, student, tmp_path):
     require_vllm()
     cfg = _cfg(lora={"r": 8, "alpha": 16}, train={"max_steps": 6, "batch_size": 8, "learning_rate": 5e-2})
-    distill_student(student, data / "data", data / "logits", cfg, tmp_path / "lora-student")
+    distill_student(distill_job(student, data, cfg, tmp_path / "lora-student"))
     out = tmp_path / "lora-student"
     assert (out / "lora" / "adapter_config.json").is_file()
     weights = _weights(out)
@@ -322,7 +323,8 @@ def test_lora_student_is_a_plain_checkpoint_that_vllm_serves(data, student, tmp_
         with torch.no_grad():
             gen = model.eval().generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         want.append(gen[0, ids.shape[1] :].tolist())
-    server = VLLMServer(out, python=VLLM_PYTHON, log_path=tmp_path / "vllm.log", dtype="float32", max_model_len=128)
+    spec = ServerSpec(model_dir=out, python=VLLM_PYTHON, dtype="float32", max_model_len=128)
+    server = VLLMServer(spec, tmp_path / "vllm.log")
     with server:
         for p, w in zip(prompts, want, strict=True):
             body = {

@@ -24,14 +24,14 @@ TEACHER = ROOT / "assets" / "teacher-tiny"
 
 @pytest.fixture(scope="module")
 def pruned_teacher(tmp_path_factory):
-    from compress.prune.prune import prune_model
+    from compress.prune.prune import prune_model, standalone_job
 
     out = tmp_path_factory.mktemp("pruned") / "student"
     train, _ = make_splits(TaskWorldConfig().tasks, 200, 10, seed=1)
     texts = [r["prompt"] + r["answer"] for r in train[:64]]
     starts = [len(r["prompt"]) for r in train[:64]]
-    prune_model(TEACHER, texts, PruneConfig(method="depth", num_layers=4), out, log=lambda _: None,
-                completion_starts=starts)  # fmt: skip
+    job = standalone_job(TEACHER, texts, PruneConfig(method="depth", num_layers=4), out, starts)
+    prune_model(job, log=lambda _: None)
     return out
 
 
@@ -53,7 +53,13 @@ def _with_bos(checkpoint, out):
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
 def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path, bos):
     require_vllm()
-    from evaluation.harness import evaluate_checkpoint, tokenizer_adds_bos, write_choice_task, write_task
+    from evaluation.harness import (
+        evaluate_checkpoint,
+        standalone_job,
+        tokenizer_adds_bos,
+        write_choice_task,
+        write_task,
+    )
 
     checkpoint = _with_bos(pruned_teacher, tmp_path / "bos") if bos else pruned_teacher
     assert tokenizer_adds_bos(checkpoint) is bos
@@ -75,9 +81,8 @@ def test_hf_and_vllm_backends_agree(pruned_teacher, tmp_path, bos):
             batch_size=16,
             vllm={"vllm_python": VLLM_PYTHON, "max_model_len": 128},
         )
-        results[backend] = evaluate_checkpoint(
-            checkpoint, cfg, tasks_dir, dtype="auto", label="pruned", log_dir=tmp_path / "logs", log_samples=True
-        )
+        job = standalone_job(checkpoint, cfg, tasks_dir, dtype="auto", label="pruned", log_dir=tmp_path / "logs")
+        results[backend] = evaluate_checkpoint(job, log_samples=True)
     hf, vl = results["hf"], results["vllm"]
     assert vl["backend"] == "vllm" and hf["backend"] == "hf"
     em_hf = hf["scores"]["taskworld"]["exact_match"]["value"]

@@ -118,7 +118,7 @@ def test_gate_models_checked_before_running():
 
 
 def test_preflight_names_the_bad_gate():
-    from flows.plan import check_evaluation
+    from stages.evaluate import check_evaluation
 
     tasks = [{"task": "taskworld", "lm_eval": "distillflow_taskworld", "data": "built-in"}]
     check_evaluation(EvaluateConfig(gates=["student.taskworld.exact_match > 0"]), ["student"], tasks)

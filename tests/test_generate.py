@@ -157,10 +157,10 @@ def test_regex_checker_and_its_config_errors():
 # ------------------------------------------------------------------------------ transformers teacher
 
 
-def _run(tmp: Path, teacher, tok, data, need_logits=True, name="run", progress=None, **cfg):
+def _run(tmp: Path, teacher, tok, data, name="run", progress=None, **cfg):
     gen = Generator(data, GenerateConfig(**(TOY | {"shard_size": 16, "prompts_per_request": 8} | cfg)), teacher, tok,
-                    tmp / f"{name}.work", need_logits, progress)  # fmt: skip
-    stats = gen.run(tmp / name / "data", tmp / name / "logits", 45)
+                    tmp / f"{name}.work")  # fmt: skip
+    stats = gen.run(tmp / name / "data", tmp / name / "logits", 45, progress)
     return stats, [json.loads(line) for line in (tmp / name / "data" / "train.jsonl").open()]
 
 

@@ -21,8 +21,10 @@ from compress.generate.cache import LogitCache
 from compress.generate.generate import generate_data
 from compress.generate.run import Generator
 from compress.generate.teacher import HTTPTeacher
+from compress.jobs import Checkpoint, GenerateJob
+from compress.jsonl import write_jsonl
 from compress.models import load_model, load_tokenizer
-from compress.serving.vllm_server import VLLMServer
+from compress.serving.vllm_server import ServerSpec, VLLMServer
 from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
 from tests.distill_data import TOY
 
@@ -53,7 +55,8 @@ def served(tmp_path_factory):
     require_vllm()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     # bfloat16: the generate stage's default serving dtype.
-    with VLLMServer(TEACHER, python=VLLM_PYTHON, log_path=log, dtype="bfloat16", max_model_len=128) as server:
+    spec = ServerSpec(model_dir=TEACHER, python=VLLM_PYTHON, dtype="bfloat16", max_model_len=128)
+    with VLLMServer(spec, log) as server:
         yield server
 
 
@@ -187,7 +190,17 @@ def test_server_killed_mid_stage_is_restarted_and_the_stage_resumes(tmp_path):
             killed.append(_kill_api_server(model_dir.resolve()))
 
     cfg = GenerateConfig(shard_size=100, prompts_per_request=25, concurrency=4, vllm_python=VLLM_PYTHON, **TOY)
-    stats = generate_data(model_dir, data, cfg, tmp_path / "run", progress=progress, log=lambda m: None)
+    write_jsonl(data, tmp_path / "prompts.jsonl")
+    job = GenerateJob(
+        teacher=Checkpoint(path=model_dir, identity=None),
+        prompts=tmp_path / "prompts.jsonl",
+        prompts_sha=None,
+        generate=cfg,
+        need_logits=True,
+        device="cpu",
+        run_dir=tmp_path / "run",
+    )
+    stats = generate_data(job, progress=progress, log=lambda m: None)
     assert killed, "the server was never killed"
     assert stats["server_restarts"] == 1
     out = [json.loads(line) for line in (tmp_path / "run" / "data" / "train.jsonl").open()]

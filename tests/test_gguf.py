@@ -17,9 +17,9 @@ from compress.generate.teacher import parse_choice
 from compress.gguf import SOURCE_FILE, GGUFError, gguf_checkpoint, is_gguf
 from compress.hub import resolve_model
 from compress.models import load_model, load_tokenizer
-from compress.serving.vllm_server import VLLMServer
+from compress.serving.vllm_server import ServerSpec, VLLMServer
 from tests.conftest import VLLM_PYTHON, require_vllm
-from tests.gguf_fixture import CHAT_TEMPLATE, EOS_ID, write_tiny_gguf
+from tests.gguf_fixture import CHAT_TEMPLATE, EOS_ID, GGUFSpec, write_tiny_gguf
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -185,12 +185,12 @@ def _cut_header(tmp_path: Path, tiny) -> Path:
 
 
 def _arch(tmp_path: Path, tiny) -> Path:
-    return write_tiny_gguf(tmp_path / "foo.gguf", arch="foo").path
+    return write_tiny_gguf(tmp_path / "foo.gguf", GGUFSpec(arch="foo")).path
 
 
 def _tokenizer(tmp_path: Path, tiny) -> Path:
     # Passes the header check (a llama); transformers fails on the tokenizer, mid-conversion.
-    return write_tiny_gguf(tmp_path / "tok.gguf", tokenizer_model="bogus").path
+    return write_tiny_gguf(tmp_path / "tok.gguf", GGUFSpec(tokenizer_model="bogus")).path
 
 
 @pytest.mark.parametrize(
@@ -231,9 +231,8 @@ def test_vllm_serves_a_converted_gguf_teacher(tiny, converted, tmp_path):
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False, pad_token_id=EOS_ID)
     want = out[0, len(prompt_ids) :].tolist()
 
-    server = VLLMServer(
-        converted.path, python=VLLM_PYTHON, log_path=tmp_path / "vllm.log", dtype="float32", max_model_len=128
-    )
+    spec = ServerSpec(model_dir=converted.path, python=VLLM_PYTHON, dtype="float32", max_model_len=128)
+    server = VLLMServer(spec, tmp_path / "vllm.log")
     with server:
         r = httpx.post(
             f"{server.base_url}/v1/completions",

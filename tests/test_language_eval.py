@@ -40,11 +40,11 @@ def test_written_tasks_split_exact_match_and_language(tmp_path):
 def test_lm_eval_rolling_nll_is_the_per_character_nll(tmp_path):
     """lm-eval's bits per byte, in nats, equals the model's own NLL per character scored from BOS: the
     texts are one byte per character and one token per character, the end marker included."""
-    from evaluation.harness import LANGUAGE_METRIC, evaluate_checkpoint, write_task
+    from evaluation.harness import LANGUAGE_METRIC, evaluate_checkpoint, standalone_job, write_task
 
     _, heldout = world_splits(WORLD)
     tasks_dir = write_task(heldout, tmp_path / "tasks", max_gen_toks=8, language=language_of(WORLD))
-    res = evaluate_checkpoint(TEACHER, EvaluateConfig(batch_size=8), tasks_dir, label="teacher")
+    res = evaluate_checkpoint(standalone_job(TEACHER, EvaluateConfig(batch_size=8), tasks_dir, label="teacher"))
     nll = res["scores"]["language"][LANGUAGE_METRIC]["value"] * math.log(2)
     texts = [json.loads(x)["text"] for x in (tasks_dir / "language.jsonl").read_text().splitlines()]
     direct = text_nll(load_model(TEACHER), load_tokenizer(TEACHER), [t.removesuffix(END) + END for t in texts])
@@ -54,7 +54,7 @@ def test_lm_eval_rolling_nll_is_the_per_character_nll(tmp_path):
 
 def test_plan_lists_the_language_and_gates_may_name_it():
     from evaluation.tasks import check_tasks
-    from flows.plan import check_evaluation
+    from stages.evaluate import check_evaluation
 
     cfg = EvaluateConfig(gates=["student.language.bits_per_byte <= 1.5 * teacher.language.bits_per_byte"])
     tasks = check_tasks(cfg, ["rev", "lang"])

@@ -60,15 +60,15 @@ def test_kd_ce_mixing_and_masking():
     logits = torch.randn(2, 4, 10)
     labels = torch.tensor([[-100, 1, 2, -100], [3, -100, 4, 5]])
     vals, ids = F.log_softmax(torch.randn(2, 4, 10), -1).topk(3, -1)
-    ce_only, _ = kd_ce_loss(logits, labels, None, None, kd_weight=0.0)
+    ce_only, _ = kd_ce_loss(logits, labels, None, kd_weight=0.0)
     m = labels != -100
     torch.testing.assert_close(ce_only, F.cross_entropy(logits[m], labels[m]))
-    mixed, stats = kd_ce_loss(logits, labels, ids, vals, kd_weight=0.5)
+    mixed, stats = kd_ce_loss(logits, labels, (ids, vals), kd_weight=0.5)
     kd = topk_forward_kl(logits[m], ids[m], vals[m]).mean()
     torch.testing.assert_close(mixed, 0.5 * kd + 0.5 * ce_only)
     assert stats["kd"] == pytest.approx(float(kd)) and stats["ce"] == pytest.approx(float(ce_only))
     with pytest.raises(ValueError, match="needs teacher"):
-        kd_ce_loss(logits, labels, None, None, kd_weight=0.5)
+        kd_ce_loss(logits, labels, None, kd_weight=0.5)
 
 
 def test_bucket_rejects_temperature():

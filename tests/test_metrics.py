@@ -108,12 +108,13 @@ def test_a_real_lm_eval_run_records_each_direction(tmp_path):
     from compress.config import EvaluateConfig, TaskWorldConfig
     from compress.data.language import language_of
     from compress.data.taskworld import world_splits
-    from evaluation.harness import evaluate_checkpoint, write_task
+    from evaluation.harness import evaluate_checkpoint, standalone_job, write_task
     from tests.conftest import ROOT
 
     world = TaskWorldConfig(tasks=["rev", "lang"], n_train=10, n_heldout=8)
     _, heldout = world_splits(world)
     tasks_dir = write_task(heldout, tmp_path, max_gen_toks=8, language=language_of(world))
-    res = evaluate_checkpoint(ROOT / "assets" / "teacher-tiny", EvaluateConfig(batch_size=8), tasks_dir, label="t")
+    model = ROOT / "assets" / "teacher-tiny"
+    res = evaluate_checkpoint(standalone_job(model, EvaluateConfig(batch_size=8), tasks_dir, label="t"))
     assert res["scores"]["taskworld"]["exact_match"]["higher_is_better"] is True
     assert res["scores"]["language"]["bits_per_byte"]["higher_is_better"] is False

@@ -112,13 +112,13 @@ def test_trust_remote_code_warns(tmp_path):
 def test_planned_student_size_is_exact(tiny_model_dir, tmp_path, prune):
     """plan's student parameters are what pruning really produces."""
     from compress.models import checkpoint_params, count_params, load_model
-    from compress.prune.prune import prune_model
-    from flows.plan import preflight
+    from compress.prune.prune import prune_model, standalone_job
+    from stages.preflight import preflight
 
     cfg = PipelineConfig(teacher={"path": tiny_model_dir}, prune=prune)
     pf = preflight(cfg, full=False)
     assert pf.layout["exact"] and pf.layout["params"] == count_params(load_model(tiny_model_dir))
-    prune_model(tiny_model_dir, ["rev abc=cba\n", "sort 321=123\n"], cfg.prune, tmp_path / "p")
+    prune_model(standalone_job(tiny_model_dir, ["rev abc=cba\n", "sort 321=123\n"], cfg.prune, tmp_path / "p"))
     assert pf.student["params_after"] == checkpoint_params(tmp_path / "p")
 
 

@@ -11,8 +11,8 @@ from compress.config import PruneConfig
 from compress.data.taskworld import make_splits
 from compress.models import checkpoint_params, count_params, load_model, load_tokenizer
 from compress.prune.families import FAMILIES, UnsupportedArchitecture, family_of
-from compress.prune.importance import block_influence, calibration_loss
-from compress.prune.prune import plan_shape, prune_model
+from compress.prune.importance import Calibration, block_influence, calibration_loss
+from compress.prune.prune import plan_shape, prune_model, standalone_job
 from compress.prune.shape import check_shape, choose_shape, config_for, shape_of
 from compress.prune.surgery import Keep, build_pruned
 
@@ -205,7 +205,7 @@ def test_block_influence_detects_identity_layer(tiny_model_dir):
     with torch.no_grad():  # layer 2 becomes the identity, so BI = 0
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    scores = block_influence(model, tok, _texts(), batch_size=5)
+    scores = block_influence(model, Calibration(tok, _texts(), batch_size=5))
     assert len(scores) == 4
     assert abs(scores[2]) < 1e-5
     assert min(s for i, s in enumerate(scores) if i != 2) > 1e-4
@@ -214,14 +214,14 @@ def test_block_influence_detects_identity_layer(tiny_model_dir):
 def test_skipping_a_layer_is_dropping_it(tiny_model_dir, tmp_path):
     """loss_increase's skipped-layer loss equals the loss of the checkpoint with that layer removed."""
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    skipped = calibration_loss(model, tok, _texts(), skip=1)
+    skipped = calibration_loss(model, Calibration(tok, _texts()), skip=1)
     dropped = build_pruned(model, family_of(model.config), Keep(layers=[0, 2, 3]))
-    assert abs(calibration_loss(dropped, tok, _texts()) - skipped) < 1e-5
+    assert abs(calibration_loss(dropped, Calibration(tok, _texts())) - skipped) < 1e-5
 
 
 def test_prune_model_both_axes_and_importance_reuse(tiny_model_dir, tmp_path):
     cfg = PruneConfig(method="both", target_ratio=0.5, depth_metric="loss_increase", batch_size=5)
-    rec = prune_model(tiny_model_dir, _texts(), cfg, tmp_path / "pruned")
+    rec = prune_model(standalone_job(tiny_model_dir, _texts(), cfg, tmp_path / "pruned"))
     planned = plan_shape(tiny_model_dir, cfg)
     assert rec["params_after"] == planned["params_after"] == checkpoint_params(tmp_path / "pruned")
     assert rec["student_shape"] == planned["student"]
@@ -234,11 +234,24 @@ def test_prune_model_both_axes_and_importance_reuse(tiny_model_dir, tmp_path):
     assert not any(info.values())
     assert load_tokenizer(tmp_path / "pruned")("rev ab=")["input_ids"]
     # Another size on the same teacher and texts: the scores are reused, not measured again.
-    rec2 = prune_model(tiny_model_dir, _texts(), cfg.model_copy(update={"target_ratio": 0.7}), tmp_path / "pruned")
+    rec2 = prune_model(
+        standalone_job(tiny_model_dir, _texts(), cfg.model_copy(update={"target_ratio": 0.7}), tmp_path / "pruned")
+    )
     assert rec2["importance_reused"] and rec2["params_after"] > rec["params_after"]
     # Other calibration texts: measured again.
-    rec3 = prune_model(tiny_model_dir, _texts(8), cfg, tmp_path / "pruned")
+    rec3 = prune_model(standalone_job(tiny_model_dir, _texts(8), cfg, tmp_path / "pruned"))
     assert not rec3["importance_reused"]
+
+
+def test_calibration_file_rows_and_a_row_without_text(tmp_path):
+    from compress.jsonl import write_jsonl
+    from compress.prune.prune import read_calibration
+
+    path = write_jsonl([{"text": "ab", "completion_start": 1}, {"text": "cd"}], tmp_path / "calibration.jsonl")
+    assert read_calibration(path) == (["ab", "cd"], [1, 0])
+    write_jsonl([{"text": "ab"}, {"prompt": "cd"}], path)
+    with pytest.raises(ValueError, match=r"calibration\.jsonl: row 1 has no 'text' field"):
+        read_calibration(path)
 
 
 def test_importance_beats_baselines_on_the_demo_teacher(tmp_path):
@@ -253,7 +266,7 @@ def test_importance_beats_baselines_on_the_demo_teacher(tmp_path):
     for how, seed in [("importance", 0), ("last_layers", 0), ("random", 0), ("random", 1), ("random", 2)]:
         cfg = PruneConfig(method="both", target_ratio=0.5, selection=how, seed=seed)
         rec = prune_model(
-            "assets/teacher-tiny", texts, cfg, tmp_path / f"{how}{seed}" / "pruned", completion_starts=starts
+            standalone_job("assets/teacher-tiny", texts, cfg, tmp_path / f"{how}{seed}" / "pruned", starts)
         )
         losses[f"{how}{seed}"] = rec["calibration_loss_after"]
     print(json.dumps(losses, indent=1))

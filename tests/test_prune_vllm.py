@@ -8,8 +8,8 @@ from compress.config import PruneConfig, TaskWorldConfig
 from compress.data.taskworld import make_splits
 from compress.generate.teacher import parse_choice
 from compress.models import load_model, load_tokenizer
-from compress.prune.prune import prune_model
-from compress.serving.vllm_server import VLLMServer
+from compress.prune.prune import prune_model, standalone_job
+from compress.serving.vllm_server import ServerSpec, VLLMServer
 from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,9 @@ def test_vllm_serves_a_depth_and_width_pruned_checkpoint(tmp_path):
         method="both", num_layers=6, hidden_size=96, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
     )
     texts = [r["prompt"] + r["answer"] + "\n" for r in train]
-    rec = prune_model(ROOT / "assets" / "teacher-tiny", texts, cfg, tmp_path / "pruned", log=lambda _: None)
+    rec = prune_model(
+        standalone_job(ROOT / "assets" / "teacher-tiny", texts, cfg, tmp_path / "pruned"), log=lambda _: None
+    )
     assert rec["student_shape"] == {
         "num_layers": 6,
         "hidden_size": 96,
@@ -43,9 +45,8 @@ def test_vllm_serves_a_depth_and_width_pruned_checkpoint(tmp_path):
             out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         want.append(out[0, ids.shape[1] :].tolist())
 
-    server = VLLMServer(
-        tmp_path / "pruned", python=VLLM_PYTHON, log_path=tmp_path / "vllm.log", dtype="float32", max_model_len=128
-    )
+    spec = ServerSpec(model_dir=tmp_path / "pruned", python=VLLM_PYTHON, dtype="float32", max_model_len=128)
+    server = VLLMServer(spec, tmp_path / "vllm.log")
     got = []
     with server:
         for p in prompts:

@@ -59,7 +59,8 @@ def _config(tmp_path, teacher_dir) -> PipelineConfig:
 def test_real_path_end_to_end_then_cached(tmp_path, tiny_chat, prefect_home):
     require_vllm()
     from flows.compress import compress_pipeline
-    from flows.plan import cache_status, preflight
+    from flows.plan import cache_status
+    from stages.preflight import preflight
 
     cfg = _config(tmp_path, tiny_chat)
     summary = compress_pipeline(cfg).summary

@@ -221,11 +221,11 @@ def _check_scores(res: dict, n_docs: int) -> None:
 
 
 def test_shipped_tasks_score_in_lm_eval(long_context_model):
-    from evaluation.harness import evaluate_checkpoint
+    from evaluation.harness import evaluate_checkpoint, standalone_job
     from evaluation.local_tasks.utils import humaneval_solutions
 
     cfg = EvaluateConfig(tasks=SHIPPED, limit=3, batch_size=4, humaneval_max_gen_toks=6)
-    res = evaluate_checkpoint(long_context_model, cfg, None, label="tiny", log_samples=True)
+    res = evaluate_checkpoint(standalone_job(long_context_model, cfg, None, label="tiny"), log_samples=True)
     _check_scores(res, 3)
     # The configured budget reached the generation task (one character per token here).
     assert all(len(g) <= 6 for g in res["samples"]["humaneval_pass1"])
@@ -237,14 +237,18 @@ def test_shipped_tasks_score_in_lm_eval(long_context_model):
 @pytest.mark.slow
 def test_shipped_tasks_on_vllm_backend(long_context_model, tmp_path):
     require_vllm()
-    from evaluation.harness import evaluate_checkpoint
+    from evaluation.harness import evaluate_checkpoint, standalone_job
 
     common = {"tasks": SHIPPED, "limit": 3, "batch_size": 4, "humaneval_max_gen_toks": 6}
-    hf = evaluate_checkpoint(long_context_model, EvaluateConfig(**common), None, dtype="auto", label="hf")
+    hf = evaluate_checkpoint(
+        standalone_job(long_context_model, EvaluateConfig(**common), None, dtype="auto", label="hf")
+    )
     cfg = EvaluateConfig(
         **common, backend="vllm", throughput=False, vllm={"vllm_python": VLLM_PYTHON, "max_model_len": 2048}
     )
-    vl = evaluate_checkpoint(long_context_model, cfg, None, dtype="auto", label="tiny", log_dir=tmp_path)
+    vl = evaluate_checkpoint(
+        standalone_job(long_context_model, cfg, None, dtype="auto", label="tiny", log_dir=tmp_path)
+    )
     _check_scores(vl, 3)
     for task, metric in [("pydoc_ppl", "bits_per_byte"), ("humaneval_bpb", "bits_per_byte")]:
         assert vl["scores"][task][metric]["value"] == pytest.approx(hf["scores"][task][metric]["value"], rel=1e-3)

@@ -21,7 +21,7 @@ from compress.config import (
     TaskWorldSource,
     validate,
 )
-from compress.data.prepare import DataError, normalize, prepare_data
+from compress.data.prepare import DataError, normalize, prepare_data, standalone_job
 from compress.data.self_instruct import (
     check_source,
     compression_ratio,
@@ -34,6 +34,7 @@ from compress.data.self_instruct import (
 )
 from compress.generate.generate import open_teacher
 from compress.generate.teacher import Completion, Sampling
+from compress.jobs import Checkpoint
 from compress.jsonl import read_jsonl
 from compress.models import load_tokenizer
 from tests.conftest import LINES, ROOT, VLLM_PYTHON, require_vllm
@@ -246,9 +247,10 @@ def test_config_parses_and_sizes_the_draws():
 def _prepare(teacher_dir: Path, out: Path, teacher, seed: int = 0, extra=()) -> dict:
     src = SelfInstructSource(n=6, heldout=3, seed=seed, temperature=2.0, max_tokens=24, min_chars=1, oversample=8)
     cfg = DataConfig(sources=[src, *extra], num_samples=None)
-    return prepare_data(
-        cfg, TaskWorldConfig(n_train=20, n_heldout=4), load_tokenizer(teacher_dir), [], out, (None, 4), teacher=teacher
+    job = standalone_job(
+        teacher_dir, cfg, out, taskworld=TaskWorldConfig(n_train=20, n_heldout=4), calibration_samples=4
     )
+    return prepare_data(job, [], teacher=teacher)
 
 
 def _texts(out: Path) -> tuple[list[str], list[str]]:
@@ -260,7 +262,8 @@ def _texts(out: Path) -> tuple[list[str], list[str]]:
 
 def test_tiny_teacher_with_transformers_gives_the_counts_deterministically(tiny_chat, hf_teacher, tmp_path):
     # The first run opens the teacher as the prepare stage does; the others reuse one already loaded.
-    hf = functools.partial(open_teacher, GenerateConfig(backend="hf", dtype="float32"), tiny_chat, tmp_path / "x.log")
+    chat = Checkpoint(path=tiny_chat, identity=None)
+    hf = functools.partial(open_teacher, GenerateConfig(backend="hf", dtype="float32"), chat, tmp_path / "x.log")
     report = _prepare(tiny_chat, tmp_path / "a", hf, extra=[TaskWorldSource(limit=5)])
     si = report["self_instruct"][0]
     assert (si["train"], si["heldout"]) == (6, 3)
@@ -312,7 +315,8 @@ def test_vllm_same_seed_same_prompts_through_prepare_data(tiny_chat, tmp_path):
 
     require_vllm()
     gen = GenerateConfig(vllm_python=VLLM_PYTHON, dtype="float32", max_model_len=128, max_tokens=16)
-    with open_teacher(serving_config(gen), tiny_chat, tmp_path / "server.log") as teacher:
+    chat = Checkpoint(path=tiny_chat, identity=None)
+    with open_teacher(serving_config(gen), chat, tmp_path / "server.log") as teacher:
 
         def served():
             return contextlib.nullcontext(teacher)
@@ -337,9 +341,9 @@ def test_prepare_stage_serves_the_teacher_and_keys_its_dtype(tmp_path):
     def prepare_stage(**overrides):
         data = {"sources": [{"type": "self_instruct", "n": 8}]}
         cfg = validate(PipelineConfig, {"teacher": {"path": str(TEACHER)}, "data": data, **overrides}, "cfg")
-        ctx = Context(tmp_path, TEACHER, "teacher-sha", "eval-sha", tmp_path / "tasks", "cpu")
+        ctx = Context(tmp_path, Checkpoint(path=TEACHER, identity="teacher-sha"), "eval-sha", tmp_path / "tasks", "cpu")
         stages = []
-        run_pipeline(cfg, ctx, lambda s: stages.append(s) or Done({}, {}, False, 0.0), until="prune")
+        run_pipeline(cfg, ctx, lambda s: stages.append(s) or Done({}, {}, False, 0.0, s.outputs), until="prune")
         return stages[0]
 
     served = prepare_stage()
@@ -347,12 +351,12 @@ def test_prepare_stage_serves_the_teacher_and_keys_its_dtype(tmp_path):
     assert served.outputs["heldout"] == tmp_path / "data" / "heldout_prompts.jsonl"
     endpoint = {"endpoint": {"url": "http://gpu:8000", "model": "t"}}
     assert not prepare_stage(generate=endpoint).heavy
-    assert prepare_stage(generate={"dtype": "float32"}).key != served.key
-    assert prepare_stage(generate={"concurrency": 9}).key == served.key
+    assert prepare_stage(generate={"dtype": "float32"}).job.key() != served.job.key()
+    assert prepare_stage(generate={"concurrency": 9}).job.key() == served.job.key()
     plain = validate(PipelineConfig, {"teacher": {"path": str(TEACHER)}}, "cfg")
     stages = []
-    run_pipeline(plain, Context(tmp_path, TEACHER, "t", "e", tmp_path, "cpu"),
-                 lambda s: stages.append(s) or Done({}, {}, False, 0.0), until="prune")  # fmt: skip
+    run_pipeline(plain, Context(tmp_path, Checkpoint(path=TEACHER, identity="t"), "e", tmp_path, "cpu"),
+                 lambda s: stages.append(s) or Done({}, {}, False, 0.0, s.outputs), until="prune")  # fmt: skip
     assert not stages[0].heavy and "heldout" not in stages[0].outputs
 
 

@@ -16,6 +16,7 @@ from compress.data.prepare import (
     mix_sources,
     prepare_data,
     read_source,
+    standalone_job,
 )
 from compress.data.taskworld import make_splits
 from compress.data.tokenizer import build_tokenizer
@@ -172,12 +173,12 @@ def test_prompt_must_be_a_string():
         check_records(src, [{"q": "ok"}, {"q": 3}], "data.sources[0]")
 
 
-def test_taskworld_default_is_the_train_split_as_drawn(tmp_path):
+def test_taskworld_default_is_the_train_split_as_drawn(tiny_model_dir, tmp_path):
     """No data section: the training prompts are the task world's train split, byte for byte, in order."""
     world = TaskWorldConfig(tasks=["rev", "sort", "max"], n_train=300, n_heldout=20)
-    tok = build_tokenizer()
     heldout = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)[1]
-    report = prepare_data(DataConfig(dedup=False), world, tok, [r["prompt"] for r in heldout], tmp_path, (None, 16))
+    job = standalone_job(tiny_model_dir, DataConfig(dedup=False), tmp_path, taskworld=world, calibration_samples=16)
+    report = prepare_data(job, [r["prompt"] for r in heldout])
     train, _ = make_splits(world.tasks, world.n_train, world.n_heldout, world.seed)
     rows = read_jsonl(tmp_path / "prompts.jsonl")
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in train]
@@ -185,7 +186,8 @@ def test_taskworld_default_is_the_train_split_as_drawn(tmp_path):
     calib = read_jsonl(tmp_path / "calibration.jsonl")
     assert [c["text"] for c in calib] == [r["prompt"] + r["answer"] + "\n" for r in train[:16]]
     # With dedup on (an explicit data section's default), repeated prompts go.
-    report = prepare_data(DataConfig(), world, tok, [], tmp_path, (TaskWorldSource(limit=8), 4))
+    update = {"data": DataConfig(), "calibration_source": TaskWorldSource(limit=8), "calibration_samples": 4}
+    report = prepare_data(job.model_copy(update=update), [])
     assert report["prompts"] == len({r["prompt"] for r in train})
     assert len(read_jsonl(tmp_path / "calibration.jsonl")) == 4
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from stages.runner import MIB, PeakRSS, maxrss_mb, tree_rss
+from stages.memory import MIB, PeakRSS, maxrss_mb, tree_rss
 
 ALLOC_MIB = 160
 # A child that touches every page of ALLOC_MIB (b"\x01" * n writes them all; a zeroed bytearray
@@ -74,33 +74,34 @@ def test_getrusage_peaks_are_lifetime_figures():
 
 
 @pytest.mark.slow
-def test_stage_runner_records_peak_rss(tmp_path, prefect_home, monkeypatch):
+def test_stage_runner_records_peak_rss(tmp_path, prefect_home):
     """A real stage through StageRunner in a flow: the manifest entry and the runner's stage table
     carry the peak of the stage's process tree; a cache hit keeps the peak of the run that ran."""
     from prefect import flow
 
+    from compress.jobs import Job
     from compress.lineage import read_json
-    from stages import stages
-    from stages.runner import Stage, StageRunner
+    from stages.runner import Provenance, Stage, StageRunner
 
-    @stages.stage_task("alloc")
-    def alloc_task(out: str) -> dict:
+    class AllocJob(Job):
+        out: str
+
+    def alloc(job: AllocJob) -> dict:
         proc = _hold_memory()
         proc.communicate("")
-        (tmp_path / out).write_text("done")
+        (tmp_path / job.out).write_text("done")
         return {"ok": True}
 
-    monkeypatch.setitem(stages.TASKS, "alloc", alloc_task)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     out = {"x": tmp_path / "done.txt"}
-    stage = Stage(name="prune", task="alloc", params={"out": "done.txt"}, key=["k"], outputs=out)
+    stage = Stage(name="prune", job=AllocJob(out="done.txt"), body=alloc, outputs=out)
 
     @flow
     def two_runs() -> tuple[dict, dict]:
-        first = StageRunner(run_dir, "code", "0", {}, "cpu")
+        first = StageRunner(run_dir, Provenance("code", "cpu"))
         first(stage)
-        again = StageRunner(run_dir, "code", "0", {}, "cpu")
+        again = StageRunner(run_dir, Provenance("code", "cpu"))
         again(stage)
         return first.stages["prune"], again.stages["prune"]
 

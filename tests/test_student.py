@@ -58,7 +58,8 @@ def test_a_different_chat_template_is_refused():
 
 
 def test_plan_describes_the_given_student_and_checks_it(tmp_path):
-    from flows.plan import describe, preflight
+    from flows.plan import describe
+    from stages.preflight import preflight
 
     cfg = _cfg(tmp_path)
     pf = preflight(cfg, full=False)
@@ -77,9 +78,11 @@ def test_plan_describes_the_given_student_and_checks_it(tmp_path):
 
 
 def test_adopt_copies_the_checkpoint(tmp_path):
+    from compress.jobs import AdoptJob, Checkpoint
     from compress.models import checkpoint_params
 
-    record = adopt_student(STUDENT, checkpoint_params(TEACHER), tmp_path / "pruned")
+    student, teacher = Checkpoint(path=STUDENT, identity=None), Checkpoint(path=TEACHER, identity=None)
+    record = adopt_student(AdoptJob(student=student, teacher=teacher, out_dir=tmp_path / "pruned"))
     assert (tmp_path / "pruned" / "model.safetensors").is_file()
     assert (tmp_path / "pruned" / "tokenizer.json").read_bytes() == (STUDENT / "tokenizer.json").read_bytes()
     assert record["params_after"] == checkpoint_params(STUDENT) and record["kept_layers"] is None

@@ -15,7 +15,17 @@ import pytest
 
 from compress.config import ConfigError, TaskWorldConfig, validate
 from compress.data.language import Language, language_of
-from compress.data.taskworld import BOS, END, HARD, LANG, check_answer, make_splits, mix_schedule, world_splits
+from compress.data.taskworld import (
+    BOS,
+    END,
+    HARD,
+    LANG,
+    SplitOptions,
+    check_answer,
+    make_splits,
+    mix_schedule,
+    world_splits,
+)
 
 HARD_WORLD = [*HARD, LANG]
 
@@ -69,7 +79,7 @@ def _independent(task: str, prompt: str) -> str:
 @pytest.fixture(scope="module")
 def world():
     lang = Language.make(seed=0, end_prob=0.07, max_len=48)
-    return lang, make_splits(HARD_WORLD, 3000, 700, seed=0, language=lang)
+    return lang, make_splits(HARD_WORLD, 3000, 700, seed=0, options=SplitOptions(language=lang))
 
 
 def test_every_hard_answer_is_right_by_an_independent_function(world):
@@ -119,7 +129,9 @@ def test_heldout_never_appears_in_training(world):
 
 
 def test_lengths_set_the_difficulty():
-    _, held = make_splits(["addc", "sortl", "lookup"], 0, 90, seed=1, lengths={"addc": (4, 4), "sortl": (9, 9)})
+    _, held = make_splits(
+        ["addc", "sortl", "lookup"], 0, 90, seed=1, options=SplitOptions(lengths={"addc": (4, 4), "sortl": (9, 9)})
+    )
     for r in held:
         body = r["prompt"].split(" ", 1)[1].rstrip("=")
         if r["task"] == "addc":
@@ -181,7 +193,7 @@ def test_mix_weighs_the_training_stream_and_leaves_heldout_balanced():
     assert Counter(period) == {"addc": 1, "count": 3, "lookup": 2}
     assert all(a != b for a, b in itertools.pairwise(period))  # spread out, not in runs
     _, base_held = make_splits(names, 600, 60, seed=3)
-    train, held = make_splits(names, 600, 60, seed=3, mix={"count": 3, "lookup": 2})
+    train, held = make_splits(names, 600, 60, seed=3, options=SplitOptions(mix={"count": 3, "lookup": 2}))
     assert held == base_held
     assert Counter(r["task"] for r in train) == {"addc": 100, "count": 300, "lookup": 200}
     assert not {r["prompt"] for r in held} & {r["prompt"] for r in train}
@@ -196,4 +208,4 @@ def test_bad_mix_is_a_one_line_error():
     with pytest.raises(ConfigError, match="mix"):
         validate(TaskWorldConfig, {"tasks": ["addc"], "mix": {"addc": 0}}, "x.yaml")
     with pytest.raises(ValueError, match="mix"):
-        make_splits(["addc"], 5, 5, seed=0, mix={"lookup": 2})
+        make_splits(["addc"], 5, 5, seed=0, options=SplitOptions(mix={"lookup": 2}))

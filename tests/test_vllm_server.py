@@ -16,7 +16,7 @@ from compress.generate.run import Generator
 from compress.generate.teacher import HTTPTeacher
 from compress.jsonl import read_jsonl
 from compress.models import load_model, load_tokenizer
-from compress.serving.vllm_server import ServerError, VLLMServer, group_members
+from compress.serving.vllm_server import ServerError, ServerSpec, VLLMServer, group_members
 from tests.conftest import VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow
@@ -33,14 +33,8 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         for i, p in enumerate(["rev abc=", "add 1+2=", "max 391="])
     ]
     cfg = GenerateConfig(top_k=5, max_tokens=6, dtype="float32", prompts_per_request=2, concurrency=2)
-    server = VLLMServer(
-        tiny_model_dir,
-        python=VLLM_PYTHON,
-        log_path=tmp_path / "vllm.log",
-        dtype="float32",
-        max_model_len=128,
-        max_logprobs=5,
-    )
+    spec = ServerSpec(model_dir=tiny_model_dir, python=VLLM_PYTHON, dtype="float32", max_model_len=128, max_logprobs=5)
+    server = VLLMServer(spec, tmp_path / "vllm.log")
     tok = load_tokenizer(tiny_model_dir)
     with server:
         assert server.healthy()
@@ -82,9 +76,10 @@ def test_sigterm_to_parent_stops_server(tiny_model_dir, tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, time
         from pathlib import Path
-        from compress.serving.vllm_server import VLLMServer
-        s = VLLMServer(Path({str(tiny_model_dir)!r}), python=Path({str(VLLM_PYTHON)!r}),
-                       log_path=Path({str(tmp_path / "v.log")!r}), dtype="float32", max_model_len=128)
+        from compress.serving.vllm_server import ServerSpec, VLLMServer
+        spec = ServerSpec(model_dir=Path({str(tiny_model_dir)!r}), python=Path({str(VLLM_PYTHON)!r}),
+                          dtype="float32", max_model_len=128)
+        s = VLLMServer(spec, Path({str(tmp_path / "v.log")!r}))
         s.start()
         print(os.getpgid(s.proc.pid), flush=True)
         time.sleep(600)
@@ -108,9 +103,10 @@ def test_start_failure_is_reported_with_log(tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text("{}")
     with pytest.raises(ServerError, match="exited with code"):
-        VLLMServer(bad, python=VLLM_PYTHON, log_path=tmp_path / "v.log", startup_timeout_s=300).start()
+        VLLMServer(ServerSpec(model_dir=bad, python=VLLM_PYTHON, startup_timeout_s=300), tmp_path / "v.log").start()
 
 
 def test_missing_python_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"generate\.vllm_python"):
-        VLLMServer(tiny_model_dir, python=tmp_path / "nope" / "python", log_path=tmp_path / "v.log").start()
+        spec = ServerSpec(model_dir=tiny_model_dir, python=tmp_path / "nope" / "python")
+        VLLMServer(spec, tmp_path / "v.log").start()

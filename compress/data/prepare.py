@@ -26,15 +26,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.config import (
-    ConfigError,
     DataConfig,
     DatasetSource,
+    EvaluateConfig,
+    GenerateConfig,
+    PruneConfig,
     SelfInstructSource,
     TaskWorldConfig,
     TaskWorldSource,
     first_line,
 )
 from compress.data.taskworld import END, world_splits
+from compress.data.text import normalize
+from compress.errors import DataError  # raised from here: callers catch it as compress.data.prepare.DataError
+from compress.jobs import Checkpoint, PrepareJob
 
 if TYPE_CHECKING:
     from compress.generate.teacher import Teacher
@@ -43,10 +48,6 @@ LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text"}
 JSON_LINE_SUFFIXES = {".jsonl", ".ndjson"}
 # GPT-3's decontamination rule: a training text that shares a 13-word n-gram with an evaluation text.
 NGRAM = 13
-
-
-class DataError(ConfigError):
-    """A data source that cannot be used: one line naming the file, the field or the record."""
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -281,9 +282,9 @@ def render_records(src: DatasetSource, records: list[dict[str, Any]], tokenizer,
     return rows
 
 
-def taskworld_rows(src: TaskWorldSource, world: TaskWorldConfig, tokenizer) -> list[dict[str, Any]]:
+def taskworld_rows(src: TaskWorldSource, taskworld: TaskWorldConfig, tokenizer) -> list[dict[str, Any]]:
     """The task world's training split (in its own order) as rows."""
-    train, _ = world_splits(world)
+    train, _ = world_splits(taskworld)
     rows = []
     for r in train[: src.limit]:
         ids = tokenizer(r["prompt"], add_special_tokens=True)["input_ids"]
@@ -308,11 +309,6 @@ def calibration_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- mixing
-
-
-def normalize(text: str) -> str:
-    """Lower case, single spaces: the form in which training and evaluation prompts are compared."""
-    return " ".join(text.lower().split())
 
 
 def _ngrams(words: list[str]) -> Iterable[tuple[str, ...]]:
@@ -350,7 +346,7 @@ def _quotas(total: int, weights: list[float]) -> list[int]:
 
 def mix_sources(
     per_source: list[list[dict[str, Any]]],
-    cfg: DataConfig,
+    data: DataConfig,
     eval_index: EvalIndex | None,
     max_prompt_tokens: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -362,13 +358,13 @@ def mix_sources(
     seen: set[str] = set()
     kept_per_source: list[list[dict[str, Any]]] = []
     stats = []
-    for src, rows in zip(cfg.sources, per_source, strict=True):
+    for src, rows in zip(data.sources, per_source, strict=True):
         kept, dup, overlap, long = [], 0, 0, 0
         for r in rows:
             if max_prompt_tokens is not None and len(r["prompt_ids"]) > max_prompt_tokens:
                 long += 1
                 continue
-            if cfg.dedup and r["prompt"] in seen:
+            if data.dedup and r["prompt"] in seen:
                 dup += 1
                 continue
             seen.add(r["prompt"])
@@ -380,30 +376,34 @@ def mix_sources(
         label = "taskworld" if isinstance(src, TaskWorldSource) else src.label  # self_instruct has one too
         stats.append({"source": label, "read": len(rows), "too_long_dropped": long, "duplicates_dropped": dup,
                       "eval_overlap_dropped": overlap})  # fmt: skip
-    if cfg.num_samples is None:
+    if data.num_samples is None:
         chosen = kept_per_source
     else:
-        rng = random.Random(cfg.seed)
-        quotas = _quotas(cfg.num_samples, [s.weight for s in cfg.sources])
+        rng = random.Random(data.seed)
+        quotas = _quotas(data.num_samples, [s.weight for s in data.sources])
         chosen = [rng.sample(rows, min(q, len(rows))) for rows, q in zip(kept_per_source, quotas, strict=True)]
         for st, q in zip(stats, quotas, strict=True):
             st["quota"] = q
     out = [r for rows in chosen for r in rows]
-    if len(cfg.sources) > 1:
-        random.Random(cfg.seed).shuffle(out)
+    if len(data.sources) > 1:
+        random.Random(data.seed).shuffle(out)
     for st, rows in zip(stats, chosen, strict=True):
         st["used"] = len(rows)
     return out, stats
 
 
 def load_rows(
-    src: TaskWorldSource | DatasetSource | SelfInstructSource, index: int, world: TaskWorldConfig, tokenizer, where: str
+    src: TaskWorldSource | DatasetSource | SelfInstructSource,
+    index: int,
+    taskworld: TaskWorldConfig,
+    tokenizer,
+    where: str,
 ) -> list[dict[str, Any]]:
     """Read, check and render one source into rows (a self-instruct source is drawn by ``prepare_data``)."""
     if isinstance(src, SelfInstructSource):
         raise DataError(f"{where}: a self_instruct source needs the teacher: only data.sources may be self_instruct")
     if isinstance(src, TaskWorldSource):
-        return taskworld_rows(src, world, tokenizer)
+        return taskworld_rows(src, taskworld, tokenizer)
     records = read_source(src, where=where)
     check_records(src, records, where)
     if src.messages_field:
@@ -414,28 +414,48 @@ def load_rows(
 HELDOUT_PROMPTS = "heldout_prompts.jsonl"
 
 
-def uses_self_instruct(cfg: DataConfig) -> bool:
+def uses_self_instruct(data: DataConfig) -> bool:
     """True when a source is drawn from the teacher (then the prepare stage serves it)."""
-    return any(isinstance(s, SelfInstructSource) for s in cfg.sources)
+    return any(isinstance(s, SelfInstructSource) for s in data.sources)
+
+
+def standalone_job(teacher_dir: Path, data: DataConfig, out_dir: Path, **fields: Any) -> PrepareJob:
+    """A ``PrepareJob`` for data prepared outside a run (bench scripts, tests), into ``out_dir``.
+
+    Unless ``fields`` say otherwise: the default task world, the first 128 training rows as the
+    calibration texts, no prompt-length limit, no evaluation-set identity, the default serving
+    settings and no self-instruct teacher; on the CPU.
+    """
+    defaults: dict[str, Any] = {
+        "taskworld": TaskWorldConfig(),
+        "uses_taskworld": True,
+        "calibration_samples": PruneConfig().calibration_samples,
+        "source_content": [],
+        "max_prompt_tokens": None,
+        "teacher": Checkpoint(path=Path(teacher_dir), identity=None),
+        "eval_id": "",
+        "evaluate": EvaluateConfig(),
+        "tasks_dir": Path(out_dir).parent / "eval" / "tasks",
+        "serving": GenerateConfig(),
+        "self_instruct_teacher": None,
+        "device": "cpu",
+    }
+    return PrepareJob(data=data, out_dir=Path(out_dir), **(defaults | fields))
 
 
 def prepare_data(
-    cfg: DataConfig,
-    world: TaskWorldConfig,
-    tokenizer,
+    job: PrepareJob,
     eval_texts: list[str],
-    out_dir: Path,
-    calibration: tuple[TaskWorldSource | DatasetSource | None, int],
     progress: Callable[[float, str], None] | None = None,
-    max_prompt_tokens: int | None = None,
     teacher: Callable[[], contextlib.AbstractContextManager[Teacher]] | None = None,
 ) -> dict[str, Any]:
-    """Write ``prompts.jsonl`` (training prompts) and ``calibration.jsonl`` into ``out_dir``.
+    """Write ``prompts.jsonl`` (training prompts) and ``calibration.jsonl`` into ``job.out_dir``.
 
-    ``eval_texts`` are the evaluation prompts; with ``cfg.decontaminate`` a training prompt that
-    matches one is dropped. ``calibration`` is (own source or None, sample count): without a
-    source, the first training rows are the calibration texts. Returns the data report, also
-    written as ``data_report.json``.
+    Sources are rendered with ``job.teacher``'s tokenizer. ``eval_texts`` are the evaluation
+    prompts; with ``job.data.decontaminate`` a training prompt that matches one is dropped. The
+    calibration texts are the first ``job.calibration_samples`` rows of ``job.calibration_source``,
+    or, without one, of the training rows. Returns the data report, also written as
+    ``data_report.json``.
 
     Self-instruct sources (``compress.data.self_instruct``) are drawn through ``teacher()``, opened
     once after every other source has been read (a bad file fails before a server starts); their
@@ -444,41 +464,37 @@ def prepare_data(
     """
     from compress.jsonl import write_jsonl
     from compress.lineage import write_json
+    from compress.models import load_tokenizer
 
-    n = len(cfg.sources)
-    per_source: list[list[dict[str, Any]]] = [[] for _ in cfg.sources]
-    for i, src in enumerate(cfg.sources):
-        if isinstance(src, SelfInstructSource):
-            continue
-        per_source[i] = load_rows(src, i, world, tokenizer, f"data.sources[{i}]")
-        if progress:
-            progress((i + 1) / (n + 1), f"read source {i}: {len(per_source[i])} rows")
+    data, out_dir = job.data, Path(job.out_dir)
+    tokenizer = load_tokenizer(job.teacher.path, job.teacher.trust_remote_code)
+    per_source = _read_sources(job, tokenizer, progress)
     heldout: list[dict[str, Any]] = []
     drawn: list[dict[str, Any]] = []
-    if uses_self_instruct(cfg):
-        heldout, drawn = _draw_self_instruct(cfg, tokenizer, teacher, per_source, progress)
-    index = EvalIndex([*eval_texts, *(r["text"] for r in heldout)]) if cfg.decontaminate else None
-    rows, stats = mix_sources(per_source, cfg, index, max_prompt_tokens)
+    if uses_self_instruct(data):
+        heldout, drawn = _draw_self_instruct(data, tokenizer, teacher, per_source, progress)
+    index = EvalIndex([*eval_texts, *(r["text"] for r in heldout)]) if data.decontaminate else None
+    rows, stats = mix_sources(per_source, data, index, job.max_prompt_tokens)
     if not rows:
         raise DataError("data.sources: no training prompts left after the length, duplicate and evaluation filters")
-    calib_src, n_calib = calibration
-    calib_rows = rows if calib_src is None else load_rows(calib_src, 0, world, tokenizer, "prune.calibration_source")
-    out_dir = Path(out_dir)
+    calib_rows = rows
+    if job.calibration_source is not None:
+        calib_rows = load_rows(job.calibration_source, 0, job.taskworld, tokenizer, "prune.calibration_source")
     write_jsonl(rows, out_dir / "prompts.jsonl")
-    if uses_self_instruct(cfg):
+    if uses_self_instruct(data):
         write_jsonl(heldout, out_dir / HELDOUT_PROMPTS)
-    write_jsonl([calibration_row(r) for r in calib_rows[:n_calib]], out_dir / "calibration.jsonl")
+    write_jsonl([calibration_row(r) for r in calib_rows[: job.calibration_samples]], out_dir / "calibration.jsonl")
     report = {
         "prompts": len(rows),
         "too_long_dropped": sum(s["too_long_dropped"] for s in stats),
-        "max_prompt_tokens": max_prompt_tokens,
+        "max_prompt_tokens": job.max_prompt_tokens,
         "duplicates_dropped": sum(s["duplicates_dropped"] for s in stats),
         "eval_overlap_dropped": sum(s["eval_overlap_dropped"] for s in stats),
         "eval_prompts_checked": len(index) if index is not None else 0,
-        "calibration_texts": min(n_calib, len(calib_rows)),
+        "calibration_texts": min(job.calibration_samples, len(calib_rows)),
         "sources": stats,
     }
-    if uses_self_instruct(cfg):
+    if uses_self_instruct(data):
         report |= {"self_instruct": drawn, "heldout_prompts": len(heldout), "heldout_path": HELDOUT_PROMPTS}
     write_json(out_dir / "data_report.json", report)
     if progress:
@@ -486,8 +502,23 @@ def prepare_data(
     return report
 
 
+def _read_sources(
+    job: PrepareJob, tokenizer, progress: Callable[[float, str], None] | None
+) -> list[list[dict[str, Any]]]:
+    """Every source's rows but the self-instruct ones' (left empty: drawn from the teacher later)."""
+    n = len(job.data.sources)
+    per_source: list[list[dict[str, Any]]] = [[] for _ in job.data.sources]
+    for i, src in enumerate(job.data.sources):
+        if isinstance(src, SelfInstructSource):
+            continue
+        per_source[i] = load_rows(src, i, job.taskworld, tokenizer, f"data.sources[{i}]")
+        if progress:
+            progress((i + 1) / (n + 1), f"read source {i}: {len(per_source[i])} rows")
+    return per_source
+
+
 def _draw_self_instruct(
-    cfg: DataConfig,
+    data: DataConfig,
     tokenizer,
     teacher: Callable[[], contextlib.AbstractContextManager[Teacher]] | None,
     per_source: list[list[dict[str, Any]]],
@@ -498,10 +529,10 @@ def _draw_self_instruct(
 
     if teacher is None:
         raise DataError("data.sources: a self_instruct source needs a teacher to draw from (none was given)")
-    n = len(cfg.sources)
+    n = len(data.sources)
     heldout, reports = [], []
     with teacher() as t:
-        for i, src in enumerate(cfg.sources):
+        for i, src in enumerate(data.sources):
             if not isinstance(src, SelfInstructSource):
                 continue
 

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.config import GenerateConfig, SelfInstructSource, first_line
-from compress.data.prepare import DataError, normalize
+from compress.data.text import normalize
+from compress.errors import DataError
 from compress.generate.teacher import Completion, HFTeacher, Sampling, Teacher
 
 # Stands for the user message while the template is rendered; no template writes it by itself.

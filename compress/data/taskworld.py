@@ -208,15 +208,24 @@ def mix_schedule(names: list[str], mix: dict[str, int] | None = None) -> list[st
     return order
 
 
+@dataclass(frozen=True)
+class SplitOptions:
+    """How ``make_splits`` draws beyond tasks, sizes and seed (every default is the plain task world).
+
+    ``lengths`` overrides the length range of hard families (``HARD``). ``lang`` rows need the
+    ``language`` (a ``compress.data.language.Language``). Training ``lang`` prompts carry the text's
+    first ``prefix_chars`` characters (a range), so that prompts differ. ``mix`` weighs the families
+    of the train stream (``mix_schedule``); held-out stays balanced.
+    """
+
+    lengths: dict[str, tuple[int, int]] | None = None
+    language: Any = None
+    prefix_chars: tuple[int, int] = (1, 3)
+    mix: dict[str, int] | None = None
+
+
 def make_splits(
-    tasks: Iterable[str],
-    n_train: int,
-    n_heldout: int,
-    seed: int,
-    lengths: dict[str, tuple[int, int]] | None = None,
-    language: Any = None,
-    prefix_chars: tuple[int, int] = (1, 3),
-    mix: dict[str, int] | None = None,
+    tasks: Iterable[str], n_train: int, n_heldout: int, seed: int, options: SplitOptions | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Draw ``n_heldout`` then ``n_train`` examples, round-robin over ``tasks``.
 
@@ -225,28 +234,25 @@ def make_splits(
     Each row is ``{"id", "task", "prompt", "answer"}``. Train is a prefix-stable stream: the first
     ``n`` rows are the same for any ``n_train >= n`` with the same seed and held-out size.
 
-    ``lengths`` overrides the length range of hard families (``HARD``). ``lang`` rows need the
-    ``language`` (a ``compress.data.language.Language``); a held-out ``lang`` row is a whole text
-    (prompt ``<s>``) and no training row continues into a held-out text. Training ``lang`` prompts
-    carry the text's first ``prefix_chars`` characters (a range), so that prompts differ.
-
-    ``mix`` weighs the families of the train stream (``mix_schedule``); held-out stays balanced.
+    A held-out ``lang`` row is a whole text (prompt ``<s>``) and no training row continues into a
+    held-out text. ``options`` (``SplitOptions``) sets hard-family lengths, the language and the mix.
     """
+    options = options or SplitOptions()
     names = list(tasks)
     unknown = [t for t in names if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(ALL_TASKS)}")
-    if LANG in names and language is None:
+    if LANG in names and options.language is None:
         raise ValueError("the lang task needs a language (taskworld.language)")
-    ranges = {name: (lengths or {}).get(name, fam.lengths) for name, fam in HARD.items()}
+    ranges = {name: (options.lengths or {}).get(name, fam.lengths) for name, fam in HARD.items()}
     rng = random.Random(seed)
     heldout_prompts: set[str] = set()
 
     def example(task: str, split: str) -> tuple[str, str, str]:
         """(prompt, answer, key): key is what must not repeat across splits."""
         if task == LANG:
-            text = language.sample(rng).removesuffix(END)
-            lo, hi = (0, 0) if split == "heldout" else prefix_chars
+            text = options.language.sample(rng).removesuffix(END)
+            lo, hi = (0, 0) if split == "heldout" else options.prefix_chars
             cut = min(rng.randint(lo, hi), max(0, len(text) - 1))
             return BOS + text[:cut], text[cut:], f"{LANG}:{text}"
         if task in HARD:
@@ -271,11 +277,11 @@ def make_splits(
             rows.append({"id": f"{split}-{len(rows)}", "task": task, "prompt": prompt, "answer": answer})
         return rows
 
-    stray = sorted(set(mix or {}) - set(names))
+    stray = sorted(set(options.mix or {}) - set(names))
     if stray:
         raise ValueError(f"mix names {stray}, which are not among the tasks {names}")
     heldout = draw(n_heldout, "heldout", unique=True, order=names)
-    train = draw(n_train, "train", unique=False, order=mix_schedule(names, mix))
+    train = draw(n_train, "train", unique=False, order=mix_schedule(names, options.mix))
     return train, heldout
 
 
@@ -283,13 +289,10 @@ def world_splits(world: Any) -> tuple[list[dict], list[dict]]:
     """``make_splits`` for a ``TaskWorldConfig`` (its tasks, sizes, seed, lengths and language)."""
     from compress.data.language import language_of
 
-    return make_splits(
-        world.tasks,
-        world.n_train,
-        world.n_heldout,
-        world.seed,
+    options = SplitOptions(
         lengths={k: tuple(v) for k, v in (world.lengths or {}).items()},
         language=language_of(world),
         prefix_chars=tuple(world.language.prefix_chars),
         mix=world.mix or None,
     )
+    return make_splits(world.tasks, world.n_train, world.n_heldout, world.seed, options)

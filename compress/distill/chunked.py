@@ -9,6 +9,16 @@ memory grows with the chunk size, not with the sequence length, and no matmul is
 same design as Liger-Kernel's fused linear distillation losses; torchtune's chunked KL still holds
 all logits). An online teacher's logits are made the same way, chunk by chunk, without gradients.
 
+Features:
+  * ``kd_ce_sums``: ``kd_weight * KD + (1 - kd_weight) * CE`` summed over the tokens, with KD and CE
+    apart for the log, and the gradients to the hidden states and the head (weight, bias);
+  * ``KDMix``: the divergence (``LossSpec``), its weight and the chunk size (None: about
+    ``CHUNK_ELEMENTS`` logits per chunk, ``auto_chunk``);
+  * ``Head``: a linear output layer with Gemma-2's logit soft-capping;
+  * three teacher forms: ``DenseTeacher`` (full logits, or hidden states and a head: an online
+    teacher), ``TopKTeacher`` (the cache's top-k, tail renormalised or bucketed) and
+    ``SampledTeacher`` (sampled ids with their counts: the unbiased estimator).
+
 Written by hand because no maintained library offers it for our losses on CPU and GPU alike:
 Liger-Kernel's fused losses are Triton (GPU only) and cover JSD and forward KL, not the top-k and
 sampled teacher forms, skew KL or TVD.
@@ -16,7 +26,7 @@ sampled teacher forms, skew KL or TVD.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -101,14 +111,20 @@ def auto_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
+@dataclass(frozen=True)
+class KDMix:
+    """How the chunked loss mixes its terms: ``kd_weight * KD + (1 - kd_weight) * CE``, KD by ``spec``.
+
+    ``chunk_size`` tokens per chunk; None sizes chunks to about ``CHUNK_ELEMENTS`` logits each.
+    """
+
+    spec: LossSpec = field(default_factory=LossSpec)
+    kd_weight: float = 0.0
+    chunk_size: int | None = None
+
+
 def kd_ce_sums(
-    hidden: torch.Tensor,
-    head: Head,
-    labels: torch.Tensor,
-    teacher: Teacher | None,
-    spec: LossSpec,
-    kd_weight: float,
-    chunk_size: int | None = None,
+    hidden: torch.Tensor, head: Head, labels: torch.Tensor, teacher: Teacher | None, mix: KDMix
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum of kd_weight*KD + (1-kd_weight)*CE, sum of KD, sum of CE)`` over the given tokens.
 
@@ -116,26 +132,36 @@ def kd_ce_sums(
     masked), ``labels`` ``[N]``; the teacher describes the same N positions. Only the first sum
     carries gradients (to ``hidden`` and to the head's weight and bias where they require them).
     Divide by the number of tokens (global under gradient accumulation) to get the mean.
-    ``chunk_size`` tokens per chunk; None sizes chunks to about ``CHUNK_ELEMENTS`` logits each.
     """
-    chunk_size = chunk_size or auto_chunk(head.weight.shape[0])
-    if kd_weight > 0 and teacher is None:
+    chunk_size = mix.chunk_size or auto_chunk(head.weight.shape[0])
+    if mix.kd_weight > 0 and teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher")
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     bias = head.bias if head.bias is not None else hidden.new_zeros(0)
-    want = torch.is_grad_enabled()  # inside autograd.Function.forward it always reads False
-    return _ChunkedKDCE.apply(
-        hidden, head.weight, bias, head.softcap, labels, teacher, spec, kd_weight, chunk_size, want
-    )
+    # Inside autograd.Function.forward grad mode always reads False: ask here.
+    plan = _Plan(head.softcap, labels, teacher, replace(mix, chunk_size=chunk_size), torch.is_grad_enabled())
+    return _ChunkedKDCE.apply(hidden, head.weight, bias, plan)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything of one ``kd_ce_sums`` call that takes no gradient."""
+
+    softcap: float | None
+    labels: torch.Tensor
+    teacher: Teacher | None
+    mix: KDMix  # its chunk size resolved
+    want_grad: bool
 
 
 class _ChunkedKDCE(torch.autograd.Function):
     """Forward computes the sums and, chunk by chunk, the gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, softcap, labels, teacher, spec, kd_weight, chunk_size, want):
-        needs = tuple(want and x for x in (hidden.requires_grad, weight.requires_grad, bias.requires_grad))
+    def forward(ctx, hidden, weight, bias, plan: _Plan):
+        softcap, spec, kd_weight, chunk_size = plan.softcap, plan.mix.spec, plan.mix.kd_weight, plan.mix.chunk_size
+        needs = tuple(plan.want_grad and x for x in (hidden.requires_grad, weight.requires_grad, bias.requires_grad))
         needs = (needs[0], needs[1], needs[2] and bias.numel() > 0)
         head = Head(weight.detach(), bias.detach() if bias.numel() else None, softcap)
         g_hidden = torch.zeros_like(hidden) if needs[0] else None
@@ -149,8 +175,8 @@ class _ChunkedKDCE(torch.autograd.Function):
                 z = F.linear(h, head.weight, head.bias).float().requires_grad_(any(needs))
                 logits = torch.tanh(z / softcap) * softcap if softcap else z
                 # At kd_weight 1 the CE is only logged: no gradient (and no backward pass) through it.
-                ce = F.cross_entropy(logits if kd_weight < 1 else logits.detach(), labels[a:b], reduction="sum")
-                kd = teacher.rows(a, b).loss(spec, logits).sum() if kd_weight > 0 else torch.zeros_like(ce)
+                ce = F.cross_entropy(logits if kd_weight < 1 else logits.detach(), plan.labels[a:b], reduction="sum")
+                kd = plan.teacher.rows(a, b).loss(spec, logits).sum() if kd_weight > 0 else torch.zeros_like(ce)
                 loss = kd_weight * kd + (1.0 - kd_weight) * ce
                 if z.requires_grad:
                     (g_z,) = torch.autograd.grad(loss, z)
@@ -181,5 +207,5 @@ class _ChunkedKDCE(torch.autograd.Function):
             g_hidden.mul_(g_loss) if g_hidden is not None else None,
             g_weight.mul_(g_loss).to(ctx.dtypes[0]) if g_weight is not None else None,
             g_bias.mul_(g_loss).to(ctx.dtypes[1]) if g_bias is not None else None,
-            *([None] * 7),
+            None,  # the plan
         )

@@ -184,20 +184,19 @@ def sampled_loss(
 def kd_ce_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    teacher_ids: torch.Tensor | None,
-    teacher_logprobs: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None,
     kd_weight: float,
-    temperature: float = 1.0,
-    tail: str = "renormalize",
     spec: LossSpec | None = None,
+    tail: str = "renormalize",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``kd_weight * KD + (1 - kd_weight) * CE`` averaged over the valid (label != -100) tokens.
 
-    Inputs are already shifted: ``logits[b, t]`` predicts ``labels[b, t]``, and the teacher tensors
-    (``[B, T, k]``) describe the same target position. With ``kd_weight == 0`` the teacher may be None.
-    ``spec`` picks the divergence (default: forward KL at ``temperature``).
+    Inputs are already shifted: ``logits[b, t]`` predicts ``labels[b, t]``, and the teacher's top-k
+    ``(ids, logprobs)`` (``[B, T, k]`` each) describe the same target position. With
+    ``kd_weight == 0`` the teacher may be None. ``spec`` picks the divergence (default: forward KL
+    at temperature 1). The unchunked reference of ``compress.distill.chunked.kd_ce_sums``.
     """
-    spec = spec or LossSpec("forward_kl", temperature)
+    spec = spec or LossSpec("forward_kl")
     mask = labels != -100
     n_tokens = mask.sum().clamp(min=1)
     flat_logits = logits[mask]
@@ -205,8 +204,9 @@ def kd_ce_loss(
     stats = {"ce": float(ce.detach())}
     if kd_weight == 0.0:
         return ce, stats
-    if teacher_ids is None or teacher_logprobs is None:
-        raise ValueError("kd_weight > 0 needs teacher_ids and teacher_logprobs")
+    if teacher is None:
+        raise ValueError("kd_weight > 0 needs teacher_ids and teacher_logprobs (the teacher argument)")
+    teacher_ids, teacher_logprobs = teacher
     kd = topk_loss(spec, flat_logits, teacher_ids[mask], teacher_logprobs[mask], tail).sum() / n_tokens
     stats["kd"] = float(kd.detach())
     return kd_weight * kd + (1.0 - kd_weight) * ce, stats

@@ -1,9 +1,20 @@
-"""The distill stage: train the pruned student on the generated data, by KD or by SFT only.
+"""The distill stage's library entry: train the student on the generated data, by KD or by SFT only.
 
-``distill_student`` runs the training in this process, or, with ``distill.num_processes`` > 1,
-under torchrun (``python -m torch.distributed.run``): each process runs ``compress.distill.worker``
-on the same job file, Trainer's DDP splits the global batch (gloo on CPU, nccl on GPU), process 0
-saves the student and writes the metrics. Progress comes from the loss log the run appends to.
+``distill_student(job, progress)`` takes the stage's whole ``DistillJob`` (``compress.jobs``).
+Features:
+  * KD (``job.kd``): ``kd_weight * KD + (1 - kd_weight) * CE`` against the generate stage's cached
+    top-k or sampled teacher rows (``job.logits_dir``), or, with ``distill.teacher_source:
+    online``, against the teacher checkpoint (``job.teacher``) loaded in the same process (its
+    dtype from ``distill.teacher_dtype``); its tokenizer must be the student's;
+  * the hidden-state loss (``distill.hidden_weight``) pairing each student layer with the teacher
+    layer it came from (``job.teacher_layers``, the pruned student's kept layers);
+  * the SFT baseline without ``job.kd``: CE on the teacher's completions;
+  * the trainer's features (``compress.distill.trainer``): chunked loss, packing, LoRA, checkpoints
+    and resume after a crash, the live loss log (``job.log_path``);
+  * several processes with ``distill.num_processes`` > 1, under torchrun (``python -m
+    torch.distributed.run``): each process runs ``compress.distill.worker`` on the same job file,
+    Trainer's DDP splits the global batch (gloo on CPU, nccl on GPU), process 0 saves the student
+    and writes the metrics. Progress comes from the loss log the run appends to.
 """
 
 from __future__ import annotations
@@ -13,32 +24,31 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
-
-from compress.config import DistillConfig
+from compress.jobs import DistillJob
 from compress.lineage import read_json, write_json
 
-Progress = Any  # Callable[[float, str], None]; kept loose so this module imports no torch
+if TYPE_CHECKING:  # the names only: this module imports no torch until a job runs
+    from compress.distill.callbacks import Progress
+    from compress.distill.kd_trainer import Objective
 
 
-class DistillJob(BaseModel):
-    """Everything one distill run needs, as the JSON handed to each training process."""
+def distill_student(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune ``job.student`` on ``job.data_dir`` into ``job.out_dir`` (a plain HF checkpoint).
 
-    model_config = ConfigDict(extra="forbid")
-
-    student_dir: Path
-    data_dir: Path
-    logits_dir: Path | None
-    cfg: DistillConfig
-    out_dir: Path
-    use_teacher_logits: bool = True
-    teacher_dir: Path | None = None
-    device: str = "cpu"
-    log_path: Path | None = None
-    trust_remote_code: bool = False
-    teacher_layers: list[int] | None = None  # the teacher layer each student layer came from (pruning)
+    With ``job.kd`` the loss is ``kd_weight * KD + (1 - kd_weight) * CE`` against the cached
+    teacher rows in ``job.logits_dir`` or, with ``distill.teacher_source: online``, the model
+    ``job.teacher``; without, it is CE on the teacher's completions (the SFT baseline).
+    ``job.teacher_layers`` (the pruned student's kept layers, 0-based) pairs each student layer with
+    the teacher layer it came from in the hidden-state loss. ``job.log_path`` receives the loss
+    curve as JSON lines. A crashed run resumes from its last checkpoint when called again with the
+    same job (``distill.save_steps``). Returns the training metrics with the run's facts (parameters,
+    examples, loss, processes).
+    """
+    if job.distill.num_processes == 1:
+        return run_job(job, progress)
+    return run_torchrun(job, progress)
 
 
 def teacher_dtype(name: str, device: str):
@@ -53,113 +63,85 @@ def teacher_dtype(name: str, device: str):
 
 def run_job(job: DistillJob, progress: Progress | None = None) -> dict[str, Any]:
     """Train one student in this process (one rank of a torchrun job, or the only process)."""
-    from compress.distill.losses import LossSpec
     from compress.distill.teacher_signal import load_cached_examples
-    from compress.distill.trainer import Objective, shared_vocab, train_causal_lm
+    from compress.distill.trainer import TrainRun, train_causal_lm
     from compress.models import count_params, load_model, load_tokenizer
 
-    cfg = job.cfg
-    kd = job.use_teacher_logits
-    online = kd and cfg.teacher_source == "online"
-    tokenizer = load_tokenizer(job.student_dir, job.trust_remote_code)
-    examples = load_cached_examples(job.data_dir, job.logits_dir, tokenizer, with_teacher=kd and not online)
+    distill, student = job.distill, job.student
+    online = job.kd and distill.teacher_source == "online"
+    tokenizer = load_tokenizer(student.path, student.trust_remote_code)
+    examples = load_cached_examples(job.data_dir, job.logits_dir, tokenizer, with_teacher=job.kd and not online)
     if not examples:
         raise ValueError(f"{job.data_dir}/train.jsonl has no usable rows (every completion is empty)")
-    k = examples.k
-    device = job.device
-    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = load_model(job.student_dir, device=device, trust_remote_code=job.trust_remote_code)
-    teacher = None
-    if online:
-        if job.teacher_dir is None:
-            raise ValueError("distill.teacher_source: online needs the teacher checkpoint")
-        teacher = load_model(
-            job.teacher_dir, teacher_dtype(cfg.teacher_dtype, device), device, job.trust_remote_code
-        ).eval()
-        teacher.requires_grad_(False)
-        shared_vocab(model, teacher, tokenizer, load_tokenizer(job.teacher_dir, job.trust_remote_code))
-    objective = Objective(
-        kd_weight=cfg.kd_weight if kd else 0.0,
-        spec=LossSpec(cfg.loss, cfg.temperature, cfg.skew_alpha, cfg.jsd_beta),
-        tail=cfg.tail,
-        hidden_weight=cfg.hidden_weight if kd else 0.0,
-        chunk_size=cfg.chunk_size,
-        hidden_layer_map=tuple(job.teacher_layers) if kd and cfg.hidden_weight and job.teacher_layers else None,
-    )
-    params = count_params(model)
-    metrics = train_causal_lm(
-        job.student_dir,
-        examples,
-        job.out_dir,
-        cfg.train,
-        objective=objective,
-        top_k=k,
-        progress=progress,
+    device = _process_device(job.device)
+    model = load_model(student.path, device=device, trust_remote_code=student.trust_remote_code)
+    run = TrainRun(
         model=model,
         tokenizer=tokenizer,
+        train=distill.train,
+        objective=_objective(job),
+        teacher=_online_teacher(job, model, tokenizer, device) if online else None,
+        top_k=examples.k,
+        lora=distill.lora,
+        save_steps=distill.save_steps,
+        num_processes=distill.num_processes,
         device=device,
         log_path=job.log_path,
-        teacher_model=teacher,
-        lora=cfg.lora,
-        save_steps=cfg.save_steps,
-        num_processes=cfg.num_processes,
+        init_dir=student.path,
     )
+    params = count_params(model)
+    metrics = train_causal_lm(run, examples, job.out_dir, progress)
     return metrics | {
         "params": params,
         "examples": len(examples),
-        "kd": kd,
-        "loss": cfg.loss if kd else "ce",
-        "teacher_source": cfg.teacher_source if kd else None,
-        "processes": cfg.num_processes,
-        "lora": cfg.lora is not None,
+        "kd": job.kd,
+        "loss": distill.loss if job.kd else "ce",
+        "teacher_source": distill.teacher_source if job.kd else None,
+        "processes": distill.num_processes,
+        "lora": distill.lora is not None,
     }
 
 
-def distill_student(
-    student_dir: Path,
-    data_dir: Path,
-    logits_dir: Path | None,
-    cfg: DistillConfig,
-    out_dir: Path,
-    use_teacher_logits: bool = True,
-    progress: Progress | None = None,
-    device: str = "cpu",
-    log_path: Path | None = None,
-    teacher_dir: Path | None = None,
-    trust_remote_code: bool = False,
-    teacher_layers: list[int] | None = None,
-) -> dict[str, Any]:
-    """Fine-tune ``student_dir`` on ``data_dir`` into ``out_dir`` (a plain HF checkpoint).
+def _process_device(device: str) -> str:
+    """This process's device: under torchrun each process takes the GPU of its local rank."""
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
-    With ``use_teacher_logits`` the loss is ``kd_weight * KD + (1 - kd_weight) * CE`` against the
-    cached top-k in ``logits_dir`` or, with ``cfg.teacher_source: online``, the model at
-    ``teacher_dir``; without, it is CE on the teacher's completions (the SFT baseline).
-    ``teacher_layers`` (the pruned student's kept layers, 0-based) pairs each student layer with the
-    teacher layer it came from in the hidden-state loss. ``log_path`` receives the loss curve as JSON
-    lines. A crashed run resumes from its last checkpoint when called again with the same inputs
-    (``cfg.save_steps``).
-    """
-    job = DistillJob(
-        student_dir=student_dir,
-        data_dir=data_dir,
-        logits_dir=logits_dir,
-        cfg=cfg,
-        out_dir=out_dir,
-        use_teacher_logits=use_teacher_logits,
-        teacher_dir=teacher_dir,
-        device=device,
-        log_path=log_path,
-        trust_remote_code=trust_remote_code,
-        teacher_layers=teacher_layers,
+
+def _online_teacher(job: DistillJob, student, tokenizer, device: str):
+    """The teacher model, frozen in eval mode on ``device``; its tokenizer checked against the student's."""
+    from compress.distill.heads import shared_vocab
+    from compress.models import load_model, load_tokenizer
+
+    if job.teacher is None:
+        raise ValueError("distill.teacher_source: online needs the teacher checkpoint (job.teacher)")
+    path, trust = job.teacher.path, job.teacher.trust_remote_code
+    teacher = load_model(path, teacher_dtype(job.distill.teacher_dtype, device), device, trust).eval()
+    teacher.requires_grad_(False)
+    shared_vocab(student, teacher, tokenizer, load_tokenizer(path, trust))
+    return teacher
+
+
+def _objective(job: DistillJob) -> Objective:
+    """What the student is trained against: KD + CE (+ hidden MSE) with ``job.kd``, else CE only."""
+    from compress.distill.kd_trainer import Objective
+    from compress.distill.losses import LossSpec
+
+    d = job.distill
+    layer_map = tuple(job.teacher_layers) if job.kd and d.hidden_weight and job.teacher_layers else None
+    return Objective(
+        kd_weight=d.kd_weight if job.kd else 0.0,
+        spec=LossSpec(d.loss, d.temperature, d.skew_alpha, d.jsd_beta),
+        tail=d.tail,
+        hidden_weight=d.hidden_weight if job.kd else 0.0,
+        chunk_size=d.chunk_size,
+        hidden_layer_map=layer_map,
     )
-    if cfg.num_processes == 1:
-        return run_job(job, progress)
-    return run_torchrun(job, progress)
 
 
 def run_torchrun(job: DistillJob, progress: Progress | None = None, poll_s: float = 2.0) -> dict[str, Any]:
-    """Run the job on ``cfg.num_processes`` processes with torchrun; return process 0's metrics."""
+    """Run the job on ``distill.num_processes`` processes with torchrun; return process 0's metrics."""
     from compress.serving.vllm_server import stop_group
 
     out = Path(job.out_dir)
@@ -170,9 +152,9 @@ def run_torchrun(job: DistillJob, progress: Progress | None = None, poll_s: floa
     write_json(job_file, job.model_dump(mode="json"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={job.cfg.num_processes}", "-m", "compress.distill.worker", str(job_file),
+        f"--nproc_per_node={job.distill.num_processes}", "-m", "compress.distill.worker", str(job_file),
     ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // job.cfg.num_processes))}
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // job.distill.num_processes))}
     log = (work / "torchrun.log").open("w")
     # Its own session: stopping the stage (cancellation, a signal) stops every rank with it.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -180,7 +162,7 @@ def run_torchrun(job: DistillJob, progress: Progress | None = None, poll_s: floa
     try:
         while proc.poll() is None:
             time.sleep(poll_s)
-            seen = _report_log(job.log_path, job.cfg.train.max_steps, seen, progress)
+            seen = _report_log(job.log_path, job.distill.train.max_steps, seen, progress)
     except BaseException:
         stop_group(proc, grace_s=10.0)
         raise
@@ -191,7 +173,7 @@ def run_torchrun(job: DistillJob, progress: Progress | None = None, poll_s: floa
         # The ranks' own exceptions say why; torchrun's summary after them does not.
         tail = [x for x in lines if "Error" in x and "ChildFailedError" not in x][:5] or lines[-15:]
         raise RuntimeError(
-            f"distill under torchrun ({job.cfg.num_processes} processes) failed with exit code "
+            f"distill under torchrun ({job.distill.num_processes} processes) failed with exit code "
             f"{proc.returncode}; log {work / 'torchrun.log'}:\n" + "\n".join(tail)
         )
     return read_json(result_file)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compress.distill.trainer import encode_example
+from compress.distill.batches import encode_example
 from compress.generate.cache import LogitCache
 from compress.jsonl import read_jsonl
 

@@ -18,7 +18,9 @@ from compress.config import GenerateConfig
 from compress.generate.run import Generator, Progress, check_rows
 from compress.generate.teacher import HFTeacher, HTTPTeacher, Teacher
 from compress.hub import read_model_config, text_config
-from compress.serving.vllm_server import Supervisor, VLLMServer
+from compress.jobs import Checkpoint, GenerateJob
+from compress.jsonl import read_jsonl
+from compress.serving.vllm_server import ServerSpec, Supervisor, VLLMServer
 
 
 def endpoint_key(cfg: GenerateConfig) -> str | None:
@@ -31,42 +33,28 @@ def endpoint_key(cfg: GenerateConfig) -> str | None:
     return key
 
 
-@contextlib.contextmanager
-def open_teacher(
-    cfg: GenerateConfig,
-    teacher_dir: Path,
-    log_path: Path,
-    trust_remote_code: bool = False,
-    device: str = "cpu",
-    log=print,
-) -> Iterator[Teacher]:
-    """The teacher for ``cfg``: an endpoint, our own supervised vLLM server, or transformers."""
-    if cfg.backend == "hf":
-        dtype = "float32" if cfg.dtype == "auto" else cfg.dtype  # the same compute dtype as a served teacher
-        log(f"teacher in process with transformers ({device}, {dtype})")
-        yield HFTeacher(teacher_dir, device, dtype, trust_remote_code)
-        return
-    if cfg.endpoint is not None:
-        key = endpoint_key(cfg)
-        log(f"teacher served at {cfg.endpoint.url} ({cfg.endpoint.model})")
-        yield HTTPTeacher(cfg.endpoint.url, cfg.endpoint.model, key, cfg.concurrency, cfg.request_timeout_s)
-        return
-    server = VLLMServer(
-        Path(teacher_dir),
+def teacher_server(cfg: GenerateConfig, teacher: Checkpoint) -> ServerSpec:
+    """How our own vLLM server serves ``teacher`` under ``cfg``."""
+    return ServerSpec(
+        model_dir=teacher.path,
         python=cfg.vllm_python,
-        log_path=log_path,
         dtype=cfg.dtype,
-        max_model_len=cfg.context_length(read_model_config(Path(teacher_dir))),
+        max_model_len=cfg.context_length(read_model_config(teacher.path)),
         max_logprobs=cfg.top_k,
         kv_cache_gib=cfg.kv_cache_gib,
-        startup_timeout_s=cfg.startup_timeout_s,
-        extra_args=["--trust-remote-code"] if trust_remote_code else None,
         threads=cfg.server_threads,
+        startup_timeout_s=cfg.startup_timeout_s,
+        trust_remote_code=teacher.trust_remote_code,
     )
-    with server:
+
+
+@contextlib.contextmanager
+def _served_teacher(cfg: GenerateConfig, teacher: Checkpoint, log_path: Path, log=print) -> Iterator[HTTPTeacher]:
+    """Our own vLLM server of ``teacher``, restarted by a supervisor when it dies."""
+    with VLLMServer(teacher_server(cfg, teacher), log_path) as server:
         log(f"vLLM server ready at {server.base_url} (log {log_path})")
         supervisor = Supervisor(server, cfg.max_restarts)
-        teacher = HTTPTeacher(
+        served = HTTPTeacher(
             lambda: server.base_url,
             server.served_name,
             server.api_key,
@@ -75,11 +63,39 @@ def open_teacher(
             on_error=supervisor.on_error,
         )
         try:
-            yield teacher
+            yield served
         finally:
-            teacher.server_restarts = server.restarts
+            served.server_restarts = server.restarts
         if server.restarts:
             log(f"the vLLM server was restarted {server.restarts} time(s)")
+
+
+@contextlib.contextmanager
+def _any_teacher(cfg: GenerateConfig, teacher: Checkpoint, log_path: Path, device: str, log=print) -> Iterator[Teacher]:
+    """Transformers in process, the configured endpoint, or our own server: in that order of precedence."""
+    if cfg.backend == "hf":
+        dtype = "float32" if cfg.dtype == "auto" else cfg.dtype  # the same compute dtype as a served teacher
+        log(f"teacher in process with transformers ({device}, {dtype})")
+        yield HFTeacher(teacher.path, device, dtype, teacher.trust_remote_code)
+        return
+    if cfg.endpoint is not None:
+        key = endpoint_key(cfg)
+        log(f"teacher served at {cfg.endpoint.url} ({cfg.endpoint.model})")
+        yield HTTPTeacher(cfg.endpoint.url, cfg.endpoint.model, key, cfg.concurrency, cfg.request_timeout_s)
+        return
+    with _served_teacher(cfg, teacher, log_path, log) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def open_teacher(
+    cfg: GenerateConfig, teacher: Checkpoint, log_path: Path, device: str = "cpu", log=print
+) -> Iterator[Teacher]:
+    """The teacher for ``cfg``: an endpoint, our own supervised vLLM server (its log at ``log_path``),
+    or transformers on ``device``; it carries ``teacher.identity`` ("" when None)."""
+    with _any_teacher(cfg, teacher, log_path, device, log) as opened:
+        opened.identity = teacher.identity or ""
+        yield opened
 
 
 def vocab_size(model_dir: Path) -> int:
@@ -90,33 +106,23 @@ def vocab_size(model_dir: Path) -> int:
     return int(size)
 
 
-def generate_data(
-    teacher_dir: Path,
-    rows: list[dict[str, Any]],
-    cfg: GenerateConfig,
-    run_dir: Path,
-    need_logits: bool = True,
-    trust_remote_code: bool = False,
-    device: str = "cpu",
-    progress: Progress | None = None,
-    teacher_id: str = "",
-    log=print,
-) -> dict[str, Any]:
-    """The generate stage: ``run_dir/data/train.jsonl`` and ``run_dir/logits/`` from ``rows``.
+def generate_data(job: GenerateJob, progress: Progress | None = None, log=print) -> dict[str, Any]:
+    """The generate stage: ``job.run_dir/data/train.jsonl`` and ``job.run_dir/logits/`` from the rows
+    of ``job.prompts``.
 
     Shards go to ``run_dir/generate.work/`` and stay there until the stage has merged them, so a
     stage that is restarted after any failure resumes where it stopped.
     """
     from compress.models import load_tokenizer
 
-    run_dir = Path(run_dir)
-    check_rows(rows, cfg)  # before a server starts
-    tokenizer = load_tokenizer(Path(teacher_dir), trust_remote_code)
-    work = run_dir / "generate.work"
-    with open_teacher(cfg, teacher_dir, run_dir / "logs" / "vllm-server.log", trust_remote_code, device, log) as t:
-        gen = Generator(rows, cfg, t, tokenizer, work, need_logits, progress, teacher_id)
+    rows = read_jsonl(job.prompts)
+    check_rows(rows, job.generate)  # before a server starts
+    tokenizer = load_tokenizer(job.teacher.path, job.teacher.trust_remote_code)
+    server_log = job.run_dir / "logs" / "vllm-server.log"
+    with open_teacher(job.generate, job.teacher, server_log, job.device, log) as teacher:
+        gen = Generator(rows, job.generate, teacher, tokenizer, job.run_dir / "generate.work", job.need_logits)
         if gen.n_shards and gen.resumed:
             log(f"resuming: {gen.resumed} of {gen.n_shards} shards are on disk")
-        stats = gen.run(run_dir / "data", run_dir / "logits", vocab_size(teacher_dir))
-    stats["server_restarts"] = getattr(t, "server_restarts", 0)
+        stats = gen.run(job.run_dir / "data", job.run_dir / "logits", vocab_size(job.teacher.path), progress)
+    stats["server_restarts"] = getattr(teacher, "server_restarts", 0)
     return stats

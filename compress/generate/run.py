@@ -183,7 +183,10 @@ def unique_counts(ids: np.ndarray, lps: np.ndarray, width: int) -> tuple[np.ndar
 
 
 class Generator:
-    """One generate-stage run: the rows, the settings, the teacher and where things go."""
+    """One generate-stage run: the rows, the settings, the teacher and where things go.
+
+    The shards' fingerprint names the teacher by its ``name`` and its ``identity``.
+    """
 
     def __init__(
         self,
@@ -193,14 +196,12 @@ class Generator:
         tokenizer,
         work_dir: Path,
         need_logits: bool = True,
-        progress: Progress | None = None,
-        teacher_id: str = "",
     ):
         check_rows(rows, cfg)
         self.rows, self.cfg, self.teacher, self.tokenizer = rows, cfg, teacher, tokenizer
         self.need_logits = need_logits
-        self.progress = progress
-        fp = fingerprint(rows, cfg, f"{teacher.name}|{teacher_id}", need_logits)
+        self.progress: Progress | None = None  # set by run()
+        fp = fingerprint(rows, cfg, f"{teacher.name}|{teacher.identity}", need_logits)
         self.work = Path(work_dir) / fp
         # Shards of any other job are stale: this run never reads them.
         if Path(work_dir).is_dir():
@@ -304,10 +305,16 @@ class Generator:
 
     # ------------------------------------------------------------------ the whole run
 
-    def run(self, data_dir: Path, logits_dir: Path, vocab_size: int) -> dict[str, Any]:
-        """Generate every missing shard, then merge all shards into ``data_dir`` and ``logits_dir``."""
+    def run(
+        self, data_dir: Path, logits_dir: Path, vocab_size: int, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Generate every missing shard, then merge all shards into ``data_dir`` and ``logits_dir``.
+
+        ``progress(fraction, message)`` is called as shards finish (and once on resuming).
+        """
         t0 = time.time()
         self.vocab_size = vocab_size
+        self.progress = progress
         pending = self.pending
         if self.progress and self.resumed:
             self.progress(self.done / self.n_shards, f"resuming: {self.resumed}/{self.n_shards} shards on disk")

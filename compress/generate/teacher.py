@@ -70,9 +70,14 @@ Rows = tuple[np.ndarray, np.ndarray]  # ([n, k] ids, [n, k] log-probs)
 
 
 class Teacher(Protocol):
-    """What the generate stage needs from a teacher."""
+    """What the generate stage needs from a teacher.
+
+    ``identity`` is the content identity of the model behind it (``compress.jobs.Checkpoint``), ""
+    when not known: whoever opens the teacher sets it, and it is part of the shards' fingerprint.
+    """
 
     name: str
+    identity: str
 
     async def complete(self, prompts: list[list[int]], sampling: Sampling, k: int) -> list[Completion]: ...
 
@@ -122,7 +127,13 @@ OnError = Callable[[BaseException], Awaitable[None]]
 
 
 class HTTPTeacher:
-    """A teacher behind vLLM's OpenAI-compatible API; ``base_url`` is read afresh on every attempt."""
+    """A teacher behind vLLM's OpenAI-compatible API; ``base_url`` is read afresh on every attempt.
+
+    A failed request is tried again ``retries`` times (an attribute: set it on the instance to change it).
+    """
+
+    retries: int = 4
+    identity: str = ""
 
     def __init__(
         self,
@@ -131,13 +142,11 @@ class HTTPTeacher:
         api_key: str | None = None,
         concurrency: int = 4,
         timeout_s: float = 300.0,
-        retries: int = 4,
         on_error: OnError | None = None,
     ):
         self._base_url = base_url
         self.name = model
         self.api_key = api_key
-        self.retries = retries
         self.timeout_s = timeout_s
         self.on_error = on_error
         self.concurrency = concurrency
@@ -262,6 +271,8 @@ class HFTeacher:
     Calls run one at a time in a worker thread (the model is not re-entrant), batched as the caller
     sends them. Completions use ``generate`` with left padding and the raw logits of each step.
     """
+
+    identity: str = ""
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
         import torch

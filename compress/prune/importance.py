@@ -19,6 +19,8 @@ squares, Model-Optimizer's choice, the default) or the mean.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,31 +40,41 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _batches(
-    tokenizer, texts: list[str], batch_size: int, max_length: int | None, device, starts: list[int] | None = None
-) -> Iterator[tuple[dict, torch.Tensor]]:
-    """Tokenized batches and their loss masks over next-token targets ([B, T-1]).
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration texts and how they are fed to a model.
 
-    ``starts[i]`` is the character where text i's completion begins: only targets from there on count
-    (all of them where it is 0 or not given, or the tokenizer cannot map tokens to characters).
+    ``starts[i]`` is the character where text i's completion begins: the loss counts only targets
+    from there on (all of them where it is 0 or not given, or the tokenizer cannot map tokens to
+    characters). ``max_length`` truncates each text (None: whole texts).
     """
-    tokenizer.padding_side = "right"
-    offsets = starts is not None and any(starts) and getattr(tokenizer, "is_fast", False)
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[i : i + batch_size],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-            truncation=max_length is not None,
-            max_length=max_length,
-            return_offsets_mapping=offsets,
-        )
-        mask = enc["attention_mask"][:, 1:].bool()
-        if offsets:
-            begin = torch.as_tensor(starts[i : i + batch_size])[:, None]
-            mask &= enc.pop("offset_mapping")[:, 1:, 0] >= begin
-        yield enc.to(device), mask.to(device)
+
+    tokenizer: Any
+    texts: list[str]
+    starts: list[int] | None = None
+    batch_size: int = 32
+    max_length: int | None = None
+
+    def batches(self, device) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Tokenized batches on ``device`` and their loss masks over next-token targets ([B, T-1])."""
+        tokenizer, starts, size = self.tokenizer, self.starts, self.batch_size
+        tokenizer.padding_side = "right"
+        offsets = starts is not None and any(starts) and getattr(tokenizer, "is_fast", False)
+        for i in range(0, len(self.texts), size):
+            enc = tokenizer(
+                self.texts[i : i + size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                return_offsets_mapping=offsets,
+            )
+            mask = enc["attention_mask"][:, 1:].bool()
+            if offsets:
+                begin = torch.as_tensor(starts[i : i + size])[:, None]
+                mask &= enc.pop("offset_mapping")[:, 1:, 0] >= begin
+            yield enc.to(device), mask.to(device)
 
 
 def _nll_sums(logits: torch.Tensor, enc: dict, mask: torch.Tensor) -> tuple[float, int]:
@@ -116,20 +128,17 @@ def _module(layer, dotted: str) -> torch.nn.Module:
 def measure_importance(
     model,
     family: Family,
-    tokenizer,
-    texts: list[str],
-    batch_size: int = 32,
-    max_length: int | None = None,
+    calibration: Calibration,
     aggregation: str = "l2",
     loss_increase: bool = False,
-    starts: list[int] | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> dict:
     """Every importance score in one calibration pass (plus one pass per layer for ``loss_increase``).
 
     Returns ``{"block_influence": [L], "loss_increase": [L] | None, "heads": [L][nH],
     "neurons": [L][I], "channels": [H], "calibration_loss": float, "tokens": int}``. Activations are
-    read on every token; the loss counts completions only when ``starts`` gives where they begin.
+    read on every token; the loss counts completions only when ``calibration.starts`` gives where
+    they begin.
     """
     layers = decoder_layers(model)
     cfg = model.config
@@ -163,11 +172,11 @@ def measure_importance(
         for j, norm in enumerate(family.importance_norms):
             handles.append(_module(layer, norm).register_forward_hook(on_output(channels[i][j])))
     model.eval()
-    n_batches = -(-len(texts) // batch_size)
+    n_batches = -(-len(calibration.texts) // calibration.batch_size)
     ticker = _Ticker(n_batches * (1 + (len(layers) if loss_increase else 0)), progress)
     nll, tokens, count = 0.0, 0, 0
     try:
-        for enc, loss_mask in _batches(tokenizer, texts, batch_size, max_length, model.device, starts):
+        for enc, loss_mask in calibration.batches(model.device):
             state["mask"] = enc["attention_mask"].float()
             count += int(enc["attention_mask"].sum())
             s, n = _nll_sums(model(**enc, use_cache=False).logits, enc, loss_mask)
@@ -191,24 +200,14 @@ def measure_importance(
     }
     if loss_increase:
         out["loss_increase"] = [
-            calibration_loss(model, tokenizer, texts, batch_size, max_length, starts, skip=i, ticker=ticker) - base_loss
-            for i in range(len(layers))
+            calibration_loss(model, calibration, skip=i, ticker=ticker) - base_loss for i in range(len(layers))
         ]
     return out
 
 
 @torch.no_grad()
-def calibration_loss(
-    model,
-    tokenizer,
-    texts: list[str],
-    batch_size: int = 32,
-    max_length: int | None = None,
-    starts: list[int] | None = None,
-    skip: int | None = None,
-    ticker: _Ticker | None = None,
-) -> float:
-    """Mean next-token NLL on the calibration texts (their completions, given ``starts``).
+def calibration_loss(model, calibration: Calibration, skip: int | None = None, ticker: _Ticker | None = None) -> float:
+    """Mean next-token NLL on the calibration texts (their completions, given ``calibration.starts``).
 
     ``skip=i`` runs with decoder layer i as the identity.
     """
@@ -223,7 +222,7 @@ def calibration_loss(
     model.eval()
     nll, tokens = 0.0, 0
     try:
-        for enc, loss_mask in _batches(tokenizer, texts, batch_size, max_length, model.device, starts):
+        for enc, loss_mask in calibration.batches(model.device):
             s, n = _nll_sums(model(**enc, use_cache=False).logits, enc, loss_mask)
             nll, tokens = nll + s, tokens + n
             if ticker is not None:
@@ -234,16 +233,9 @@ def calibration_loss(
     return nll / max(1, tokens)
 
 
-def block_influence(
-    model,
-    tokenizer,
-    texts: list[str],
-    batch_size: int = 32,
-    max_length: int | None = None,
-    family: Family | None = None,
-) -> list[float]:
+def block_influence(model, calibration: Calibration, family: Family | None = None) -> list[float]:
     """ShortGPT block influence of every decoder layer (higher = more important)."""
     from compress.prune.families import family_of
 
     fam = family or family_of(model.config)
-    return measure_importance(model, fam, tokenizer, texts, batch_size, max_length)["block_influence"]
+    return measure_importance(model, fam, calibration)["block_influence"]

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ServerError(RuntimeError):
@@ -44,51 +45,80 @@ def _tail(path: Path, n: int = 15) -> str:
         return "<no log>"
 
 
-class VLLMServer:
-    """``with VLLMServer(model_dir, python=...) as srv:`` serves ``model_dir`` at ``srv.base_url``."""
+class ServerSpec(BaseModel):
+    """What a vLLM server serves and how: everything its command line and environment are made of.
 
-    def __init__(
-        self,
-        model_dir: Path,
-        python: Path,
-        log_path: Path,
-        served_name: str = "teacher",
-        dtype: str = "bfloat16",
-        max_model_len: int = 512,
-        max_logprobs: int = 20,
-        kv_cache_gib: int = 1,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        startup_timeout_s: float = 600.0,
-        extra_args: list[str] | None = None,
-        api_key: str | None = None,
-        threads: int | None = None,
-        enforce_eager: bool = True,
-    ):
-        self.model_dir = Path(model_dir).resolve()
-        self.python = Path(python)
-        self.log_path = Path(log_path)
-        self.served_name = served_name
-        self.max_model_len = max_model_len
-        self.host = host
-        self.port = port
-        self.startup_timeout_s = startup_timeout_s
-        self.args = [
+    ``threads`` sets ``OMP_NUM_THREADS`` (None: vLLM's own choice), ``kv_cache_gib`` the CPU
+    backend's KV cache, ``startup_timeout_s`` how long ``/health`` may take to answer, and
+    ``extra_args`` go last on the command line, as given.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_dir: Path
+    python: Path = Field(description="the vLLM virtualenv's Python")
+    served_name: str = "teacher"
+    dtype: str = "bfloat16"
+    max_model_len: int = 512
+    max_logprobs: int = 20
+    kv_cache_gib: int = 1
+    threads: int | None = None
+    startup_timeout_s: float = 600.0
+    trust_remote_code: bool = False
+    enforce_eager: bool = True
+    extra_args: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+
+    @field_validator("model_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        # The command line names the checkpoint the caller meant, whatever the server's working directory.
+        return path.resolve()
+
+    def args(self) -> list[str]:
+        """The server's arguments, without where it listens."""
+        return [
             "--model", str(self.model_dir),
-            "--served-model-name", served_name,
-            "--dtype", dtype,
-            "--max-model-len", str(max_model_len),
-            "--max-logprobs", str(max_logprobs),
-            *(["--enforce-eager"] if enforce_eager else []),
-            *(extra_args or []),
+            "--served-model-name", self.served_name,
+            "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len),
+            "--max-logprobs", str(self.max_logprobs),
+            *(["--enforce-eager"] if self.enforce_eager else []),
+            *(["--trust-remote-code"] if self.trust_remote_code else []),
+            *self.extra_args,
         ]  # fmt: skip
-        self.kv_cache_gib = kv_cache_gib
+
+
+class VLLMServer:
+    """``with VLLMServer(ServerSpec(model_dir=..., python=...), log_path) as srv:`` serves at ``srv.base_url``.
+
+    ``port`` None takes a free one at start; ``api_key`` None draws a fresh random key.
+    """
+
+    def __init__(self, spec: ServerSpec, log_path: Path, port: int | None = None, api_key: str | None = None):
+        self.spec = spec
+        self.log_path = Path(log_path)
+        self.port = port
         # A fresh random key per server: another local user cannot use (or poison) our teacher.
         self.api_key = api_key or secrets.token_urlsafe(24)
-        self.threads = threads
         self.restarts = 0
         self.proc: subprocess.Popen | None = None
         self._prev_sigterm = None
+
+    @property
+    def served_name(self) -> str:
+        """The model name every request names."""
+        return self.spec.served_name
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + completion) the server accepts."""
+        return self.spec.max_model_len
+
+    @property
+    def host(self) -> str:
+        """Where the server listens."""
+        return self.spec.host
 
     @property
     def base_url(self) -> str:
@@ -101,27 +131,27 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         """The full server command line."""
-        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *self.args,
+        return [str(self.spec.python), "-m", "vllm.entrypoints.openai.api_server", *self.spec.args(),
                 "--host", self.host, "--port", str(self.port)]  # fmt: skip
 
     def env(self) -> dict[str, str]:
         """The server's environment: the key (never on the command line, where ps shows it) and CPU settings."""
         env = os.environ | {
             "VLLM_API_KEY": self.api_key,
-            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+            "VLLM_CPU_KVCACHE_SPACE": str(self.spec.kv_cache_gib),
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         }
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.spec.threads:
+            env["OMP_NUM_THREADS"] = str(self.spec.threads)
         return env
 
     def start(self) -> VLLMServer:
         """Start the server process and wait until ``/health`` answers 200."""
-        if not self.python.is_file():
+        if not self.spec.python.is_file():
             raise FileNotFoundError(
-                f"generate.vllm_python: '{self.python}' not found (create the vLLM venv with `make .venv-vllm`)"
+                f"generate.vllm_python: '{self.spec.python}' not found (create the vLLM venv with `make .venv-vllm`)"
             )
         self.port = self.port or free_port(self.host)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +171,7 @@ class VLLMServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
+        deadline = time.monotonic() + self.spec.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServerError(
@@ -151,7 +181,7 @@ class VLLMServer:
             if self.healthy():
                 return
             time.sleep(1.0)
-        raise ServerError(f"vLLM server not healthy after {self.startup_timeout_s:.0f}s; log {self.log_path}")
+        raise ServerError(f"vLLM server not healthy after {self.spec.startup_timeout_s:.0f}s; log {self.log_path}")
 
     def healthy(self) -> bool:
         """True when ``GET /health`` answers 200."""
