@@ -71,7 +71,7 @@ def test_a_new_stage_is_one_module_and_one_entry(with_stamp, tmp_path, prefect_h
         "teacher": {"path": str(ROOT / "assets" / "teacher-tiny")},
         "taskworld": {"n_train": 64, "n_heldout": 16},
         "prune": {"num_layers": 2, "calibration_samples": 16},
-        "generate": {"backend": "hf"},
+        "generate": {"backend": "hf", "max_tokens": 16, "stop": ["\n"]},
     }
     cfg = validate(PipelineConfig, raw, "cfg")
     pf = preflight(cfg, full=False)
