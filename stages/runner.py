@@ -149,7 +149,7 @@ class StageRunner:
                 "status": "cached" if cached else "completed",
                 "cache_key": key,
                 "job": stage.job.model_dump(mode="json"),
-                "job_key": stage.job.key(),
+                "config_hash": stage.job.key(),  # the job's key (DESIGN.md: "config hash")
                 "inputs": stage.inputs,
                 "outputs": hashes,
                 "code_hash": self.provenance.code,
