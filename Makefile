@@ -50,9 +50,11 @@ test:
 	$(MAKE) lint
 	$(VENV)/bin/python -m pytest
 
-# Style, the six-parameter limit, and the architecture (layers, no cycles, no Prefect in the library).
+# Style, the six-parameter limit, the architecture (layers, no cycles, no Prefect in the library),
+# and docs/configuration.md as generated from compress/config.py.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m compress.configdoc --check
 
 clean-runs:
 	rm -rf runs/demo

@@ -67,7 +67,9 @@ class LanguageConfig(StrictModel):
     """The ``lang`` family: a seeded probabilistic automaton (``compress.data.language``)."""
 
     seed: int = Field(default=0, description="Seed of the automaton (not of the sampling).")
-    states: int = Field(default=16, ge=1, le=256)
+    states: int = Field(
+        default=16, ge=1, le=256, description="States of the automaton; each emits one character, then moves on."
+    )
     branching: int = Field(default=6, ge=1, le=27, description="Characters each state can emit (besides the end).")
     alpha: float = Field(default=1.0, gt=0, description="Dirichlet concentration: smaller = peakier.")
     end_prob: float = Field(default=0.07, gt=0, lt=1, description="Probability of ending the text in any state.")
@@ -143,12 +145,20 @@ class TaskWorldConfig(StrictModel):
 class ArchConfig(StrictModel):
     """Shape of the tiny Llama teacher built by the bootstrap flow."""
 
-    hidden_size: int = Field(default=128, ge=8)
-    num_hidden_layers: int = Field(default=8, ge=1)
-    num_attention_heads: int = Field(default=4, ge=1)
-    num_key_value_heads: int = Field(default=2, ge=1)
-    intermediate_size: int = Field(default=384, ge=8)
-    max_position_embeddings: int = Field(default=128, ge=32)
+    hidden_size: int = Field(
+        default=128, ge=8, description="Hidden (embedding) width; head_dim = hidden_size / num_attention_heads."
+    )
+    num_hidden_layers: int = Field(default=8, ge=1, description="Decoder layers.")
+    num_attention_heads: int = Field(default=4, ge=1, description="Query heads per layer; must divide hidden_size.")
+    num_key_value_heads: int = Field(
+        default=2, ge=1, description="KV heads per layer (grouped-query attention); must divide num_attention_heads."
+    )
+    intermediate_size: int = Field(
+        default=384, ge=8, description="MLP neurons per layer (inner width of the gated FFN)."
+    )
+    max_position_embeddings: int = Field(
+        default=128, ge=32, description="Context length in tokens; serving the teacher caps its context at this."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ArchConfig:
@@ -166,9 +176,18 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(
         default=64, ge=1, description="Global batch: sequences per optimizer step (all processes, micro-batches)."
     )
-    learning_rate: float = Field(default=3e-3, gt=0)
-    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
+    learning_rate: float = Field(
+        default=3e-3,
+        gt=0,
+        description="Peak learning rate of the optimizer (transformers' AdamW): linear warmup, then cosine decay "
+        "over max_steps.",
+    )
+    warmup_ratio: float = Field(
+        default=0.05, ge=0, lt=1, description="Fraction of max_steps spent warming the learning rate up (rounded up)."
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="AdamW weight decay (0 = none; the hidden-state projection is never decayed)."
+    )
     bf16: bool = Field(default=False, description="bf16 autocast on GPUs that support it (weights stay fp32).")
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, description="Micro-batches per optimizer step; batch_size stays the global batch."
@@ -178,16 +197,28 @@ class TrainConfig(StrictModel):
         description="Padding-free batches: pack each batch's sequences into rows, attention kept per "
         "sequence (same loss, less compute where lengths differ).",
     )
-    seed: int = 0
+    seed: int = Field(
+        default=0,
+        description="Seed of the data order and of freshly drawn weights (a bootstrapped teacher's initialisation, "
+        "LoRA adapters, the hidden-state projection).",
+    )
 
 
 class BootstrapConfig(StrictModel):
     """Train the tiny teacher on the task world (``flows.bootstrap``)."""
 
     out_dir: Path = Field(default=Path("assets/teacher-tiny"), description="Where the teacher checkpoint goes.")
-    taskworld: TaskWorldConfig = TaskWorldConfig(n_train=20000, n_heldout=250)
-    arch: ArchConfig = ArchConfig()
-    train: TrainConfig = TrainConfig(max_steps=2000, batch_size=64, learning_rate=3e-3)
+    taskworld: TaskWorldConfig = Field(
+        default=TaskWorldConfig(n_train=20000, n_heldout=250),
+        description="The world the teacher trains on (training split) and is checked on (held-out split).",
+    )
+    arch: ArchConfig = Field(
+        default=ArchConfig(), description="Shape of the teacher; with init_from it must match that checkpoint's."
+    )
+    train: TrainConfig = Field(
+        default=TrainConfig(max_steps=2000, batch_size=64, learning_rate=3e-3),
+        description="Optimisation of the teacher's training.",
+    )
     min_heldout_exact_match: float = Field(default=0.9, ge=0, le=1, description="Fail if the teacher is worse.")
     init_from: Path | None = Field(
         default=None, description="Continue from this checkpoint (an earlier phase) instead of random weights."
@@ -288,7 +319,7 @@ class StudentConfig(TeacherConfig):
 class TaskWorldSource(StrictModel):
     """The built-in task world's training split (settings in the top-level ``taskworld`` section)."""
 
-    type: Literal["taskworld"] = "taskworld"
+    type: Literal["taskworld"] = Field(default="taskworld", description="Source kind: the built-in task world.")
     weight: float = Field(default=1.0, gt=0, description="Share in the mixture (with data.num_samples).")
     limit: int | None = Field(default=None, ge=1, description="Use at most this many rows.")
 
@@ -300,12 +331,16 @@ class DatasetSource(StrictModel):
     (OpenAI-style chat messages, rendered with the tokenizer's chat template).
     """
 
-    type: Literal["dataset"] = "dataset"
+    type: Literal["dataset"] = Field(
+        default="dataset", description="Source kind: a datasets source (the kind assumed when type is left out)."
+    )
     path: str = Field(description="Builder (json, parquet, csv, arrow), local file/directory, or hub dataset id.")
     name: str | None = Field(default=None, description="Dataset configuration name.")
     data_files: str | list[str] | None = Field(default=None, description="Files for a builder path such as json.")
-    revision: str | None = None
-    split: str = "train"
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of a hub dataset; unset = its default branch."
+    )
+    split: str = Field(default="train", description="Split to read, e.g. train, or a slice such as train[:1000].")
     limit: int | None = Field(default=None, ge=1, description="Use at most this many rows (after shuffling).")
     seed: int = Field(default=0, description="Seed of this source's shuffle.")
     prompt_field: str | None = Field(default=None, description="Field holding the prompt text.")
@@ -340,7 +375,9 @@ class SelfInstructSource(StrictModel):
     transformers or with ``generate.dtype: float32`` (bfloat16 logits depend on the server's batching).
     """
 
-    type: Literal["self_instruct"] = "self_instruct"
+    type: Literal["self_instruct"] = Field(
+        default="self_instruct", description="Source kind: prompts the teacher writes itself."
+    )
     n: int = Field(default=1000, ge=1, description="Prompts kept for training.")
     heldout: int = Field(default=64, ge=0, description="Prompts split off for evaluation (data/heldout_prompts.jsonl).")
     seed: int = Field(default=0, description="Seed of the draws (one per candidate) and of the held-out split.")
@@ -403,7 +440,11 @@ DataSource = Annotated[
 class DataConfig(StrictModel):
     """Training prompts: a mixture of sources, deduplicated and decontaminated against the eval sets."""
 
-    sources: list[DataSource] = Field(default_factory=lambda: [TaskWorldSource()], min_length=1)
+    sources: list[DataSource] = Field(
+        default_factory=lambda: [TaskWorldSource()],
+        min_length=1,
+        description="The sources mixed into the training prompts, each told apart by its type.",
+    )
     num_samples: int | None = Field(
         default=None, ge=1, description="Size of the mixture, split by weight; unset = every row of every source."
     )
@@ -462,7 +503,9 @@ class PruneConfig(StrictModel):
     calibration_source: DataSource | None = Field(
         default=None, description="Own calibration data; unset = the first training rows."
     )
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(
+        default=32, ge=1, description="Calibration texts per forward pass while scoring importance."
+    )
 
     @model_validator(mode="after")
     def _sizes_fit_method(self) -> PruneConfig:
@@ -558,7 +601,9 @@ class GenerateConfig(StrictModel):
         default="completions",
         description="completions: the teacher answers each prompt; self_distill: it rewrites each training answer.",
     )
-    self_distill: Annotated[SelfDistillConfig, KeyWhen("mode=self_distill")] = SelfDistillConfig()
+    self_distill: Annotated[SelfDistillConfig, KeyWhen("mode=self_distill")] = Field(
+        default=SelfDistillConfig(), description="How mode self_distill asks for rewrites and which it keeps."
+    )
     logits: Literal["topk", "sampled"] = Field(
         default="topk",
         description="Teacher cache for KD: top-k log-probs, or ids drawn from the teacher with counts (unbiased).",
@@ -572,31 +617,47 @@ class GenerateConfig(StrictModel):
         default_factory=list,
         description="Stop strings (kept in the output); [] = stop at the model's EOS (a chat model's end of turn).",
     )
-    temperature: float = Field(default=0.0, ge=0)
+    temperature: float = Field(
+        default=0.0, ge=0, description="Sampling temperature of the teacher's completions (and rewrites); 0 = greedy."
+    )
     seed: int = Field(
         default=0, description="Seed of sampled completions and of logits: sampled (transformers; vLLM is not seeded)."
     )
     shard_size: Annotated[
         int, OutOfKey("how the work is cut, not the merged output (the shards' fingerprint has it)")
     ] = Field(default=512, ge=1, description="Rows per shard; a restarted stage resumes per shard.")
-    prompts_per_request: Annotated[int, RUNTIME] = Field(default=64, ge=1)
-    concurrency: Annotated[int, RUNTIME] = Field(default=4, ge=1)
-    dtype: Literal["bfloat16", "float32", "auto"] = "bfloat16"
+    prompts_per_request: Annotated[int, RUNTIME] = Field(
+        default=64, ge=1, description="Prompts per completions request (with backend hf: per generate batch)."
+    )
+    concurrency: Annotated[int, RUNTIME] = Field(
+        default=4, ge=1, description="Requests kept in flight to the teacher server (ours or the endpoint)."
+    )
+    dtype: Literal["bfloat16", "float32", "auto"] = Field(
+        default="bfloat16",
+        description="Teacher dtype: our vLLM server's --dtype (auto = vLLM's choice) or the hf backend's "
+        "(auto = float32); an endpoint ignores it.",
+    )
     max_model_len: int | None = Field(
         default=None,
         ge=16,
         description="Context served (prompt + completion); unset = the teacher's max_position_embeddings, "
         f"at most {DEFAULT_CONTEXT}. Longer prompts are dropped and counted.",
     )
-    kv_cache_gib: Annotated[int, RUNTIME] = Field(default=1, ge=1)
+    kv_cache_gib: Annotated[int, RUNTIME] = Field(
+        default=1, ge=1, description="KV cache of our vLLM server's CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
     server_threads: Annotated[int | None, RUNTIME] = Field(
         default=None, ge=1, description="OMP threads of our vLLM server (CPU); None = vLLM's choice."
     )
     max_restarts: Annotated[int, RUNTIME] = Field(
         default=3, ge=0, description="Restarts of a server that dies during the stage."
     )
-    startup_timeout_s: Annotated[float, RUNTIME] = Field(default=600, gt=0)
-    request_timeout_s: Annotated[float, RUNTIME] = Field(default=300, gt=0)
+    startup_timeout_s: Annotated[float, RUNTIME] = Field(
+        default=600, gt=0, description="Seconds our vLLM server may take to become healthy before the stage fails."
+    )
+    request_timeout_s: Annotated[float, RUNTIME] = Field(
+        default=300, gt=0, description="HTTP timeout of one request to the teacher server, seconds (then retried)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
@@ -626,7 +687,7 @@ class LoraConfig(StrictModel):
 
     r: int = Field(default=16, ge=1, description="Rank of each adapter.")
     alpha: float = Field(default=32.0, gt=0, description="Scaling numerator (lora_alpha / r).")
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on each adapter's input (lora_dropout).")
     target_modules: str = Field(
         default="all-linear", description="'all-linear' or comma-separated module names, e.g. 'q_proj,v_proj'."
     )
@@ -648,7 +709,12 @@ class DistillConfig(StrictModel):
     kd_weight: Annotated[float, KD_ONLY] = Field(
         default=0.5, ge=0, le=1, description="alpha in alpha*KD + (1-alpha)*CE."
     )
-    temperature: Annotated[float, KD_ONLY] = Field(default=1.0, gt=0)
+    temperature: Annotated[float, KD_ONLY] = Field(
+        default=1.0,
+        gt=0,
+        description="KD temperature T: both distributions are softened by T and the KD term scaled by T^2 "
+        "(sampled logits and a cached tail: bucket need T = 1).",
+    )
     skew_alpha: Annotated[float, KD_ONLY] = Field(
         default=0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM)."
     )
@@ -677,7 +743,10 @@ class DistillConfig(StrictModel):
         default=100, ge=0, description="Checkpoint every N steps; a crashed stage resumes from the last (0 = never)."
     )
     # Defaults for a pre-trained student (the task world's toy configs set their own, much larger, rate).
-    train: TrainConfig = TrainConfig(max_steps=1000, batch_size=32, learning_rate=1e-4, warmup_ratio=0.03)
+    train: TrainConfig = Field(
+        default=TrainConfig(max_steps=1000, batch_size=32, learning_rate=1e-4, warmup_ratio=0.03),
+        description="Optimisation of the KD student and of the SFT baseline (the same for both).",
+    )
     sft_baseline: Annotated[bool, OutOfKey("which students are trained, not how")] = Field(
         default=True, description="Also train a CE-only student on the same data."
     )
@@ -708,7 +777,9 @@ class EvalServingConfig(StrictModel):
     )
     kv_cache_gib: int = Field(default=1, ge=1, description="KV cache of the CPU backend, GiB.")
     num_concurrent: int = Field(default=4, ge=1, description="Requests lm-eval keeps in flight.")
-    startup_timeout_s: float = Field(default=600, gt=0)
+    startup_timeout_s: float = Field(
+        default=600, gt=0, description="Seconds each model's vLLM server may take to become healthy."
+    )
     throughput_prompts: int = Field(default=64, ge=1, description="Prompts of the throughput measurement.")
     throughput_tokens: int = Field(default=32, ge=1, description="Tokens generated per prompt (EOS ignored).")
     throughput_concurrency: int = Field(default=16, ge=1, description="Throughput requests in flight at once.")
@@ -736,7 +807,11 @@ class EvaluateConfig(StrictModel):
     limit: float | None = Field(
         default=None, gt=0, description="Examples per task: a count (>= 1) or a fraction (< 1)."
     )
-    batch_size: int | Literal["auto"] = 64
+    batch_size: int | Literal["auto"] = Field(
+        default=64,
+        description="lm-eval batch size: sequences per forward pass with hf (auto = the largest that fits), "
+        "prompts per request with vllm (auto = 1).",
+    )
     max_gen_toks: int = Field(default=16, ge=1, description="Generation budget of the taskworld task.")
     humaneval_max_gen_toks: int = Field(
         default=256, ge=1, description="Generation budget of humaneval_pass1 (163 of 164 solutions fit in 256)."
@@ -812,7 +887,9 @@ StageName = Literal[STAGES]  # type: ignore[valid-type]
 class ModelRef(StrictModel):
     """A checkpoint to evaluate, under a name."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="The model's name in results, the report and gates (evaluate_<name>)."
+    )
     path: str = Field(description="Local checkpoint directory.")
 
 
@@ -820,15 +897,30 @@ class EvaluateOnlyConfig(StrictModel):
     """Evaluate existing checkpoints with lm-eval, without compressing anything."""
 
     name: str = Field(default="eval", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: runs/<name>/.")
-    runs_dir: Path = Path("runs")
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    trust_remote_code: bool = False
-    models: list[ModelRef] = Field(
-        default_factory=lambda: [ModelRef(name="teacher", path="assets/teacher-tiny")], min_length=1
+    runs_dir: Path = Field(default=Path("runs"), description="Parent directory of run directories.")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda)$",
+        description="auto = CUDA where present, else CPU; pick the GPU with CUDA_VISIBLE_DEVICES.",
     )
-    taskworld: TaskWorldConfig = TaskWorldConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights dtype of every model evaluated; auto = each checkpoint's own."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run modelling code shipped with the checkpoints (off unless you trust them)."
+    )
+    models: list[ModelRef] = Field(
+        default_factory=lambda: [ModelRef(name="teacher", path="assets/teacher-tiny")],
+        min_length=1,
+        description="The checkpoints to evaluate, each under its own name.",
+    )
+    taskworld: TaskWorldConfig = Field(
+        default=TaskWorldConfig(),
+        description="The task world whose held-out split the taskworld task scores (match the models' training run).",
+    )
+    evaluate: EvaluateConfig = Field(
+        default=EvaluateConfig(), description="Tasks, backend, headline and gates, as in a pipeline's evaluate."
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -856,8 +948,11 @@ class PipelineConfig(StrictModel):
         pattern=r"^(auto|cpu|cuda)$",
         description="auto = CUDA where present, else CPU; pick the GPU with CUDA_VISIBLE_DEVICES.",
     )
-    teacher: TeacherConfig
-    taskworld: TaskWorldConfig = TaskWorldConfig()
+    teacher: TeacherConfig = Field(description="The model to compress.")
+    taskworld: TaskWorldConfig = Field(
+        default=TaskWorldConfig(),
+        description="The built-in task world: the default training prompts and the taskworld evaluation task.",
+    )
     data: DataConfig | None = Field(
         default=None, description="Training prompts; unset = the task world's training split as drawn."
     )
@@ -865,10 +960,20 @@ class PipelineConfig(StrictModel):
         default=None,
         description="Distill into this checkpoint instead of a pruned teacher (same tokenizer); prune is skipped.",
     )
-    prune: PruneConfig = PruneConfig()
-    generate: GenerateConfig = GenerateConfig()
-    distill: DistillConfig = DistillConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    prune: PruneConfig = Field(
+        default=PruneConfig(), description="How the teacher is pruned into the student (skipped with student)."
+    )
+    generate: GenerateConfig = Field(
+        default=GenerateConfig(),
+        description="How the teacher answers the training prompts, and the log-probs it caches for KD.",
+    )
+    distill: DistillConfig = Field(
+        default=DistillConfig(), description="How the student is trained: KD against the teacher, and the SFT baseline."
+    )
+    evaluate: EvaluateConfig = Field(
+        default=EvaluateConfig(),
+        description="lm-eval of every model (teacher, pruned, KD student, SFT baseline), with headline and gates.",
+    )
 
     @model_validator(mode="before")
     @classmethod

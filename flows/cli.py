@@ -82,12 +82,16 @@ def _checked_flow(cfg: PipelineConfig, name: str):
 
 def _run_pipeline(cfg: PipelineConfig) -> dict:
     t0 = time.time()
-    compress_pipeline = _checked_flow(cfg, "compress_pipeline")
+    return _run_and_print(_checked_flow(cfg, "compress_pipeline"), cfg, t0)
+
+
+def _run_and_print(flow_fn, cfg, t0: float) -> dict:
+    """Run ``flow_fn(cfg)`` and print its summary; a gate not met prints the results, then why (exit 1)."""
     from compress.gates import GateFailed
     from compress.lineage import read_json
 
     try:
-        result = compress_pipeline(cfg)
+        result = flow_fn(cfg)
     except GateFailed as e:
         # Every report file is written before a gate fails the run: show the results, then why.
         summary = read_json(cfg.run_dir.resolve() / "summary.json")
@@ -175,6 +179,34 @@ def plan(config: Annotated[Path, typer.Argument(help="Pipeline YAML config.")], 
     from flows.plan import describe
 
     _guard(lambda: typer.echo(describe(cfg, str(config), pf)))
+
+
+@app.command("evaluate-only")
+def evaluate_only(
+    config: Annotated[Path, typer.Argument(help="Evaluate-only YAML config (models, evaluate).")], set_: SetOpt = None
+) -> None:
+    """Score existing checkpoints with lm-eval: the tasks, cache, report and gates of a full run.
+
+    CONFIG names the checkpoints (``models: [{name, path}, ...]``) and the ``evaluate`` section of a
+    pipeline config; see configs/evaluate-only.yaml. Exit 1 when a gate is not met.
+    """
+    from compress.config import EvaluateOnlyConfig
+
+    cfg = _load(config, set_, EvaluateOnlyConfig)
+    _guard(lambda: _run_evaluate_only(cfg))
+
+
+def _run_evaluate_only(cfg) -> dict:
+    t0 = time.time()
+    _env_defaults()
+    from flows.local_server import start_local_server
+
+    server = start_local_server()
+    import flows.evaluate_only
+
+    if server is not None:
+        server.wait_ready()
+    return _run_and_print(flows.evaluate_only.evaluate_only, cfg, t0)
 
 
 @app.command()

@@ -145,7 +145,7 @@ def check_evaluation(evaluate: EvaluateConfig, models: list[str], tasks: list[di
         why = "backend vllm" if evaluate.backend == "vllm" else "throughput"
         raise ConfigError(
             f"evaluate.vllm.vllm_python: '{evaluate.vllm.vllm_python}' not found ({why} serves each model with vLLM; "
-            "create the venv with `make .venv-vllm`)"
+            "create the venv with `make venvs`)"
         )
 
 

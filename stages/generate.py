@@ -73,7 +73,7 @@ def check(cfg: PipelineConfig, pf: Preflight) -> None:
         raise ConfigError(str(e)) from None
     if gen.backend == "vllm" and gen.endpoint is None and not Path(gen.vllm_python).is_file():
         raise ConfigError(
-            f"generate.vllm_python: '{gen.vllm_python}' not found (create the vLLM venv with `make .venv-vllm`, "
+            f"generate.vllm_python: '{gen.vllm_python}' not found (create the vLLM venv with `make venvs`, "
             "or set generate.backend: hf)"
         )
 

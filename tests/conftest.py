@@ -61,5 +61,5 @@ def tiny_chat(tmp_path_factory) -> Path:
 def require_vllm() -> None:
     if not VLLM_PYTHON.is_file():
         if os.environ.get("CI"):
-            pytest.fail(f"{VLLM_PYTHON} missing: CI must create the vLLM venv (make .venv-vllm/.installed)")
+            pytest.fail(f"{VLLM_PYTHON} missing: CI must create the vLLM venv (make venvs)")
         pytest.skip("no .venv-vllm (run `make venvs`)")

@@ -76,7 +76,7 @@ def test_bucket_rejects_temperature():
         topk_forward_kl(torch.randn(1, 4), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2), 2.0, "bucket")
 
 
-# --- every divergence against a naive full-vocabulary reference (REFERENCES.md section 2) ---------
+# --- every divergence against a naive full-vocabulary reference (docs/references.md#kd-losses) ---
 
 from compress.distill.losses import LOSSES, LossSpec, dense_loss, sampled_loss, topk_loss  # noqa: E402
 

@@ -254,7 +254,7 @@ def test_calibration_file_rows_and_a_row_without_text(tmp_path):
         read_calibration(path)
 
 
-def test_importance_beats_baselines_on_the_demo_teacher(tmp_path):
+def test_importance_beats_baselines_on_the_easy_teacher(tmp_path):
     """At the same parameter budget, importance-chosen units give the lowest calibration loss."""
     from compress.config import TaskWorldConfig
 

@@ -1,6 +1,6 @@
 """Distillation losses: every major divergence, on a dense, top-k or sampled teacher.
 
-Notation (REFERENCES.md section 2): p teacher, q student, both ``softmax(logits / T)``.
+Notation (docs/references.md#kd-losses): p teacher, q student, both ``softmax(logits / T)``.
 
   forward_kl        KL(p || q)            = sum p (log p - log q)
   reverse_kl        KL(q || p)            = sum q (log q - log p)

@@ -151,7 +151,7 @@ class VLLMServer:
         """Start the server process and wait until ``/health`` answers 200."""
         if not self.spec.python.is_file():
             raise FileNotFoundError(
-                f"generate.vllm_python: '{self.spec.python}' not found (create the vLLM venv with `make .venv-vllm`)"
+                f"generate.vllm_python: '{self.spec.python}' not found (create the vLLM venv with `make venvs`)"
             )
         self.port = self.port or free_port(self.host)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
