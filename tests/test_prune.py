@@ -191,12 +191,15 @@ def test_invalid_explicit_shapes_name_the_field(sizes, message):
         choose_shape(config, PruneConfig(**sizes), family_of(config))
 
 
-def test_phi3_hidden_follows_heads():
-    config = _config("phi3")
-    with pytest.raises(ValueError, match="phi3 has no head_dim field"):
+@pytest.mark.parametrize("family", ["phi3", "qwen2"])
+def test_hidden_follows_heads_where_a_loader_derives_head_dim(family):
+    """Phi-3 (transformers) and Qwen2 (vLLM) read head_dim as hidden // heads: the hidden size moves in whole heads."""
+    config = _config(family)
+    with pytest.raises(ValueError, match=f"prune.hidden_size=64: {family} checkpoints are read with head_dim"):
         choose_shape(config, PruneConfig(method="width", hidden_size=64), family_of(config))
-    shape, _, _ = choose_shape(config, PruneConfig(method="width", target_ratio=0.6), family_of(config))
-    assert shape.hidden_size == shape.num_attention_heads * 32
+    for sizes in ({"method": "width", "target_ratio": 0.6}, {"method": "both", "target_ratio": 0.5}):
+        shape, _, _ = choose_shape(config, PruneConfig(**sizes), family_of(config))
+        assert shape.hidden_size == shape.num_attention_heads * 32, sizes
 
 
 def test_block_influence_detects_identity_layer(tiny_model_dir):

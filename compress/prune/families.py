@@ -3,7 +3,8 @@
 Pruning works on parameter names (``model.layers.{i}.self_attn.q_proj.weight``...), so a family is
 described by where its tensors live and by the few ways it differs from Llama: fused projections
 (Phi-3), extra norms and a ``1 + w`` norm and scaled embeddings (Gemma2), q/k norms over head_dim
-(Qwen3, untouched by pruning), q/k/v biases (Qwen2, sliced with their rows). A new family is one
+(Qwen3, untouched by pruning), q/k/v biases (Qwen2, sliced with their rows), and whether a loader
+derives head_dim from the hidden size (Phi-3 in transformers, Qwen2 in vLLM). A new family is one
 new ``Family`` entry in ``FAMILIES``.
 """
 
@@ -27,7 +28,11 @@ class Family:
     fused_gate_up: bool = False  # mlp.gate_up_proj rows = [gate | up]
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (offset + w)
     embed_scaled: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size) from the config
-    head_dim_field: bool = True  # False (Phi-3): head_dim = hidden_size // num_attention_heads, always
+    # True where a loader this project serves with takes head_dim = hidden_size // num_attention_heads
+    # and ignores any head_dim field: transformers' Phi-3 (it has no such field) and vLLM's Qwen2
+    # (vLLM 0.32's qwen2.py; Llama, Mistral, Qwen3 and Gemma2 read the field). There the hidden size
+    # moves only in whole heads, so that every server reads the pruned checkpoint as transformers does.
+    head_dim_derived: bool = False
     eps_field: str = "rms_norm_eps"  # the config field of the norms' epsilon
 
 
@@ -35,7 +40,7 @@ LLAMA = Family("llama")
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,
     "mistral": Family("mistral"),
-    "qwen2": Family("qwen2"),
+    "qwen2": Family("qwen2", head_dim_derived=True),
     "qwen3": Family("qwen3", head_norms=("self_attn.q_norm", "self_attn.k_norm")),
     "gemma2": Family(
         "gemma2",
@@ -49,7 +54,7 @@ FAMILIES: dict[str, Family] = {
         norm_offset=1.0,
         embed_scaled=True,
     ),
-    "phi3": Family("phi3", fused_qkv=True, fused_gate_up=True, head_dim_field=False),
+    "phi3": Family("phi3", fused_qkv=True, fused_gate_up=True, head_dim_derived=True),
 }
 
 

@@ -3,8 +3,9 @@
 Stock transformers and vLLM build every layer from one config, so width pruning is uniform across
 layers (one hidden size, FFN size and head count). A shape is valid when ``head_dim`` is unchanged,
 query heads divide evenly into the kept KV groups, and ``hidden_size`` is a multiple of
-``num_attention_heads`` (transformers 5 configs check it even when head_dim is explicit); Phi-3 has
-no head_dim field, so there the hidden size is heads x head_dim.
+``num_attention_heads`` (transformers 5 configs check it even when head_dim is explicit). Where a
+loader derives head_dim from the hidden size (``Family.head_dim_derived``: Phi-3 in transformers,
+Qwen2 in vLLM), the hidden size is heads x head_dim, so the checkpoint means one thing everywhere.
 
 Parameter counts come from the model class itself, built on the meta device with one and two
 layers (no weights allocated): exact for every family, tied embeddings counted once.
@@ -47,6 +48,10 @@ def shape_of(config) -> Shape:
     )
 
 
+# Who reads a family's checkpoints with head_dim = hidden_size // num_attention_heads (for the error).
+_DERIVED_BY = {"phi3": "transformers and vLLM", "qwen2": "vLLM"}
+
+
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -60,7 +65,7 @@ def config_for(config, shape: Shape, family: Family):
     new.intermediate_size = shape.intermediate_size
     new.num_attention_heads = shape.num_attention_heads
     new.num_key_value_heads = shape.num_key_value_heads
-    if family.head_dim_field:
+    if not family.head_dim_derived:
         new.head_dim = head_dim
     if getattr(config, "layer_types", None) and len(config.layer_types) != shape.num_layers:
         new.layer_types = list(config.layer_types[: shape.num_layers])  # only for counting; pruning picks them
@@ -109,10 +114,11 @@ def check_shape(config, shape: Shape, family: Family) -> None:
             f"prune.hidden_size={shape.hidden_size} must be a multiple of num_attention_heads="
             f"{shape.num_attention_heads} (transformers checks it)"
         )
-    if not family.head_dim_field and shape.hidden_size != shape.num_attention_heads * head_dim_of(config):
+    if family.head_dim_derived and shape.hidden_size != shape.num_attention_heads * head_dim_of(config):
         raise ValueError(
-            f"prune: {family.name} has no head_dim field, so hidden_size must equal num_attention_heads x "
-            f"head_dim = {shape.num_attention_heads * head_dim_of(config)}; got {shape.hidden_size}"
+            f"prune.hidden_size={shape.hidden_size}: {family.name} checkpoints are read with head_dim = hidden_size // "
+            f"num_attention_heads (by {_DERIVED_BY.get(family.name, 'its loaders')}), so hidden_size must equal "
+            f"num_attention_heads x head_dim = {shape.num_attention_heads * head_dim_of(config)}"
         )
 
 
@@ -143,8 +149,8 @@ def _width_candidates(
     """Width shapes: hidden and FFN scaled together (heads kept); on Phi-3, whole heads with the FFN fitted."""
     t = shape_of(config)
     step_i = _multiple(t.intermediate_size, width_multiple)
-    if not family.head_dim_field and "hidden_size" not in fixed:
-        # Phi-3: hidden = heads x head_dim moves in whole heads, too coarse alone: fit the FFN to the budget.
+    if family.head_dim_derived and "hidden_size" not in fixed:
+        # Phi-3, Qwen2: hidden = heads x head_dim moves in whole heads, too coarse alone: fit the FFN to the budget.
         hd, per_group = head_dim_of(config), t.num_attention_heads // t.num_key_value_heads
         out = []
         for kv in (
