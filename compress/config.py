@@ -17,11 +17,13 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
+    StringConstraints,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -30,7 +32,7 @@ from pydantic import (
 )
 
 from compress.cachekey import KeyWhen, OutOfKey
-from compress.errors import ConfigError, first_line  # noqa: F401 (re-exported: most callers import them here)
+from compress.errors import ConfigError, first_line  # re-exported: most callers import them here
 
 TaskName = Literal[
     "rev", "sort", "cnt", "max", "add", "dup", "rot", "addc", "mul", "count", "sortl", "revrot", "lookup", "lang"
@@ -47,6 +49,16 @@ TASKWORLD_TASK = "taskworld"
 RUNTIME = OutOfKey("how the work is reached or paced, not what it produces")
 KD_ONLY = KeyWhen("kd")
 REPORT = OutOfKey("how results are reported and judged, not the results")
+
+
+def _run_name(name: str) -> str:
+    # Only dots would name runs_dir itself or its parent: the run's files would land outside runs/<name>/.
+    if not name.strip("."):
+        raise ValueError(f"'{name}' would write outside runs_dir; use letters, digits, _ . -")
+    return name
+
+
+RunName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_run_name)]
 
 
 class StrictModel(BaseModel):
@@ -896,7 +908,7 @@ class ModelRef(StrictModel):
 class EvaluateOnlyConfig(StrictModel):
     """Evaluate existing checkpoints with lm-eval, without compressing anything."""
 
-    name: str = Field(default="eval", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: runs/<name>/.")
+    name: RunName = Field(default="eval", description="Run name: runs/<name>/ (letters, digits, _ . -; not only dots).")
     runs_dir: Path = Field(default=Path("runs"), description="Parent directory of run directories.")
     device: str = Field(
         default="auto",
@@ -933,7 +945,7 @@ class PipelineConfig(StrictModel):
     Also accepts the path of a YAML file in place of the mapping (``compress_pipeline("my.yaml")``).
     """
 
-    name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: runs/<name>/.")
+    name: RunName = Field(default="demo", description="Run name: runs/<name>/ (letters, digits, _ . -; not only dots).")
     runs_dir: Path = Field(default=Path("runs"), description="Parent directory of run directories.")
     tags: list[str] = Field(default_factory=list, description="Prefect tags of the flow run and its task runs.")
     force: list[StageName] = Field(
@@ -1025,7 +1037,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or first_line(e)
+            raise ConfigError(f"--set {key}: the value {raw!r} is not YAML ({problem}); quote it") from None
     return data
 
 

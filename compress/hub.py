@@ -138,6 +138,51 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the model config ({e})") from None
 
 
+def chat_template_of(model_dir: Path) -> str | None:
+    """The chat template saved beside a checkpoint, read from its files (no transformers import).
+
+    transformers 5 writes ``chat_template.jinja``; older checkpoints hold it in
+    ``tokenizer_config.json`` (a string, or a list of named templates) or ``chat_template.json``.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text() or None
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            template = json.loads(path.read_text()).get("chat_template")
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise ConfigError(f"{path}: cannot read it ({e})") from None
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template:
+            return template
+    return None
+
+
+def check_tokenizer_files(model_dir: Path, field: str) -> None:
+    """The tokenizer beside a checkpoint parses: ``tokenizer.json`` with the Rust ``tokenizers`` (milliseconds),
+    else transformers' own loader (a sentencepiece-only tokenizer). One-line ConfigError naming ``field``."""
+    model_dir = Path(model_dir)
+    fast = model_dir / "tokenizer.json"
+    try:
+        if fast.is_file():
+            import tokenizers
+
+            tokenizers.Tokenizer.from_file(str(fast))
+            if (model_dir / "tokenizer_config.json").is_file():
+                json.loads((model_dir / "tokenizer_config.json").read_text())
+            return
+        from compress.models import load_tokenizer
+
+        load_tokenizer(model_dir)
+    except Exception as e:  # the library's own error, in one line, for a file we did not write
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{field}: cannot load the tokenizer from '{model_dir}': {first}") from None
+
+
 def safetensors_shapes(model_dir: Path) -> dict[str, list[int]]:
     """Tensor name -> shape, from the safetensors headers only.
 

@@ -84,7 +84,7 @@ def check(cfg: PipelineConfig, pf: Preflight) -> None:
     """``pf.tasks``: every task described; the headline, the gates and the serving venv checked."""
     from evaluation.tasks import check_tasks
 
-    if cfg.evaluate.apply_chat_template and not getattr(pf.tokenizer(), "chat_template", None):
+    if cfg.evaluate.apply_chat_template and not pf.chat_template():
         raise ConfigError("evaluate.apply_chat_template: the teacher's tokenizer has no chat template")
     pf.tasks = check_tasks(cfg.evaluate, list(cfg.taskworld.tasks)) + check_fidelity(cfg)
     check_headline(cfg.evaluate, pf.tasks)

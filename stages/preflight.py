@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import ConfigError, DatasetSource, EvaluateConfig, PipelineConfig, TaskWorldConfig, first_line
-from compress.hub import ResolvedModel, checkpoint_layout, read_model_config, resolve_model, text_config
+from compress.hub import (
+    ResolvedModel,
+    chat_template_of,
+    check_tokenizer_files,
+    checkpoint_layout,
+    read_model_config,
+    resolve_model,
+    text_config,
+)
 from compress.jobs import Checkpoint
 from compress.lineage import hash_cache_file, sha256_path, sha256_path_cached
 from stages.pipeline import Context, stage_specs
@@ -44,6 +52,10 @@ class Preflight:
     warnings: list[str] = field(default_factory=list)
     student_model: ResolvedModel | None = None  # student.path resolved, when the user gives the student
     _tokenizer: Any = None
+
+    def chat_template(self) -> str | None:
+        """The teacher's chat template, from its tokenizer files (no tokenizer is loaded)."""
+        return chat_template_of(self.teacher.path)
 
     def tokenizer(self):
         """The teacher's tokenizer, loaded on first use (a one-line ConfigError when it cannot be)."""
@@ -75,10 +87,11 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     if "num_hidden_layers" not in text_config(model_config):
         raise ConfigError(f"teacher.path: '{cfg.teacher.path}' config.json has no num_hidden_layers (not a decoder)")
     pf = Preflight(cfg, full, teacher, model_config)
+    check_run_dir(cfg.runs_dir, cfg.run_dir, pf)
     if cfg.teacher.trust_remote_code:
         pf.warnings.append("teacher.trust_remote_code is on: the checkpoint's own Python code will run")
-    if full:
-        pf.tokenizer()  # a run checks that it loads, whether a stage needs it or not
+    if full:  # a run checks that it loads, whether a stage needs it or not
+        check_tokenizer_files(teacher.path, "teacher.path")
     for spec in stage_specs():
         if spec.check is not None:
             spec.check(cfg, pf)
@@ -89,6 +102,50 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
         pf.student["params_before"] = pf.layout["params"]
         pf.student["ratio"] = pf.student["params_after"] / pf.layout["params"]
     return pf
+
+
+# The disk a run needs, as a multiple of the teacher's checkpoint (weights and tokenizer): the pruned
+# student, the KD student and the SFT baseline (each at most the teacher's size) plus a trainer
+# checkpoint of each with its optimizer state (weights x 3); generated data and logit caches are small
+# beside that. An estimate: only a run that cannot hold even one student is refused.
+DISK_FACTOR = 9
+
+
+def check_run_dir(runs_dir: Path, run_dir: Path, pf: Preflight) -> None:
+    """The run directory lies inside ``runs_dir``, can be written (its nearest existing parent takes a
+    file), and the disk holds the run.
+
+    A ConfigError naming ``name`` when the run directory resolves outside ``runs_dir`` (a symlink),
+    or ``runs_dir`` when nothing can be written there or the free space cannot hold one student
+    checkpoint; a warning when it is less than the run's estimate (``DISK_FACTOR``).
+    """
+    import shutil
+    import tempfile
+
+    given, run_dir = run_dir, run_dir.resolve()
+    if run_dir.parent != runs_dir.resolve():
+        raise ConfigError(f"name: the run directory {given} resolves to {run_dir}, outside runs_dir")
+    parent = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"runs_dir: '{parent}' is a file, not a directory (run directory {run_dir})")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".distillflow-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"runs_dir: cannot write under '{parent}' (run directory {run_dir}): {e.strerror}") from None
+    free = shutil.disk_usage(parent).free
+    teacher = sum(f.stat().st_size for f in Path(pf.teacher.path).iterdir() if f.is_file())
+    gib = 2**30
+    if free < teacher:
+        raise ConfigError(
+            f"runs_dir: {free / gib:.2f} GiB free under '{parent}', less than one checkpoint of the teacher's size "
+            f"({teacher / gib:.2f} GiB); a run needs about {DISK_FACTOR * teacher / gib:.1f} GiB"
+        )
+    if free < DISK_FACTOR * teacher:
+        pf.warnings.append(
+            f"runs_dir: {free / gib:.1f} GiB free under '{parent}'; a run may need about "
+            f"{DISK_FACTOR * teacher / gib:.1f} GiB ({DISK_FACTOR} x the teacher's checkpoint)"
+        )
 
 
 def _needs_hub(cfg: PipelineConfig) -> bool:

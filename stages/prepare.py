@@ -139,7 +139,7 @@ def check(cfg: PipelineConfig, pf: Preflight) -> None:
         records = read_source(src, head=None if whole else HEAD_ROWS, where=where)
         check_records(src, records, where)
         if src.messages_field:
-            check_chat_template(pf.tokenizer(), where)
+            check_chat_template(pf.chat_template(), where)
         field_desc = f"messages '{src.messages_field}'" if src.messages_field else f"prompt '{src.prompt_field}'"
         if src.answer_field:
             field_desc += f", answer '{src.answer_field}'"

@@ -84,7 +84,7 @@ def check(cfg: PipelineConfig, pf: Preflight) -> None:
         check_student(cfg, pf)
         return
     from compress.prune.families import UnsupportedArchitecture
-    from compress.prune.prune import plan_shape
+    from compress.prune.plan import plan_shape
 
     try:
         pf.student = plan_shape(pf.teacher.path, cfg.prune, cfg.teacher.trust_remote_code)

@@ -1,6 +1,9 @@
 """Pruning: depth and width surgery on every supported family, shapes, importance, selection baselines."""
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,8 +15,10 @@ from compress.data.taskworld import make_splits
 from compress.models import checkpoint_params, count_params, load_model, load_tokenizer
 from compress.prune.families import FAMILIES, UnsupportedArchitecture, family_of
 from compress.prune.importance import Calibration, block_influence, calibration_loss
-from compress.prune.prune import plan_shape, prune_model, standalone_job
-from compress.prune.shape import check_shape, choose_shape, config_for, shape_of
+from compress.prune.params import ConfigView, formula_params, meta_params
+from compress.prune.plan import plan_shape
+from compress.prune.prune import prune_model, standalone_job
+from compress.prune.shape import Shape, check_shape, choose_shape, config_for, shape_of
 from compress.prune.surgery import Keep, build_pruned
 
 HD = 32  # head_dim: vLLM's CPU attention needs >= 32
@@ -149,6 +154,33 @@ def test_pruning_live_units_changes_logits(tmp_path):
     assert (pruned(IDS).logits - model(IDS).logits).abs().max() > 1e-3
 
 
+def _choose(config, prune_cfg):
+    """choose_shape with the model class's own count (the reference the formula is checked against)."""
+    fam = family_of(config)
+    return choose_shape(config, prune_cfg, fam, lambda shape: meta_params(config, shape, fam))
+
+
+SHAPES = [Shape(3, 128, 96, 4, 2), Shape(1, 64, 40, 2, 1), Shape(2, 96, 200, 4, 1), Shape(5, 32, 8, 1, 1)]
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention_bias": True}, {"mlp_bias": True}, {"tie_word_embeddings": True}])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_formula_counts_what_the_model_class_builds(family, extra):
+    """The arithmetic count equals the meta-device count of the real class, at the teacher and at pruned shapes,
+    from config.json as a dict (the family's class defaults filled in) as from the transformers config."""
+    config = _config(family)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    fam = family_of(config)
+    view = ConfigView(config.to_diff_dict())  # only what config.json holds: the formula must know the defaults
+    for shape in SHAPES:
+        if fam.head_dim_derived:
+            shape = replace(shape, hidden_size=shape.num_attention_heads * 32)
+        want = meta_params(config, shape, fam)
+        assert formula_params(view, shape, fam) == want, (shape, extra)
+        assert formula_params(config, shape, fam) == want, (shape, extra)
+
+
 def test_unsupported_architecture_lists_supported():
     cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=2)
     with pytest.raises(UnsupportedArchitecture, match=r"gpt2.*supported: gemma2, llama, mistral, phi3, qwen2, qwen3"):
@@ -162,7 +194,7 @@ def test_unsupported_architecture_lists_supported():
 def test_target_ratio_picks_a_valid_shape_near_the_budget(family, method, ratio):
     config = _config(family, layers=8)
     fam = family_of(config)
-    shape, params, teacher = choose_shape(config, PruneConfig(method=method, target_ratio=ratio), fam)
+    shape, params, teacher = _choose(config, PruneConfig(method=method, target_ratio=ratio))
     check_shape(config, shape, fam)
     t = shape_of(config)
     if method == "depth":
@@ -188,7 +220,7 @@ def test_target_ratio_picks_a_valid_shape_near_the_budget(family, method, ratio)
 def test_invalid_explicit_shapes_name_the_field(sizes, message):
     config = _config("llama")
     with pytest.raises(ValueError, match=message):
-        choose_shape(config, PruneConfig(**sizes), family_of(config))
+        _choose(config, PruneConfig(**sizes))
 
 
 @pytest.mark.parametrize("family", ["phi3", "qwen2"])
@@ -196,9 +228,9 @@ def test_hidden_follows_heads_where_a_loader_derives_head_dim(family):
     """Phi-3 (transformers) and Qwen2 (vLLM) read head_dim as hidden // heads: the hidden size moves in whole heads."""
     config = _config(family)
     with pytest.raises(ValueError, match=f"prune.hidden_size=64: {family} checkpoints are read with head_dim"):
-        choose_shape(config, PruneConfig(method="width", hidden_size=64), family_of(config))
+        _choose(config, PruneConfig(method="width", hidden_size=64))
     for sizes in ({"method": "width", "target_ratio": 0.6}, {"method": "both", "target_ratio": 0.5}):
-        shape, _, _ = choose_shape(config, PruneConfig(**sizes), family_of(config))
+        shape, _, _ = _choose(config, PruneConfig(**sizes))
         assert shape.hidden_size == shape.num_attention_heads * 32, sizes
 
 
@@ -275,3 +307,28 @@ def test_importance_beats_baselines_on_the_easy_teacher(tmp_path):
     print(json.dumps(losses, indent=1))
     best = losses.pop("importance0")
     assert all(best < other for other in losses.values()), (best, losses)
+
+
+def test_plan_shape_needs_no_torch(tiny_model_dir):
+    """The student's size comes from config.json and the safetensors headers: no torch, no transformers."""
+    code = (
+        "import sys; from compress.config import PruneConfig; from compress.prune.plan import plan_shape; "
+        f"r = plan_shape({str(tiny_model_dir)!r}, PruneConfig(method='both', target_ratio=0.5)); "
+        "print(r['params_after'], 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1:] == ["False", "False"], out
+    assert int(out[0]) == plan_shape(tiny_model_dir, PruneConfig(method="both", target_ratio=0.5))["params_after"]
+
+
+def test_counter_falls_back_to_the_model_class_when_the_formula_misses_the_checkpoint(tiny_model_dir):
+    from compress.prune.params import counter_for
+
+    config = ConfigView(json.loads((tiny_model_dir / "config.json").read_text()))
+    fam = family_of(config)
+    shape = replace(shape_of(config), num_layers=2, intermediate_size=64)
+    real = T.AutoConfig.from_pretrained(tiny_model_dir)
+    # A teacher the formula does not reproduce (one parameter off): the class's own count is used.
+    wrong = formula_params(config, shape_of(config), fam) + 1
+    assert counter_for(config, fam, wrong, tiny_model_dir, False)(shape) == meta_params(real, shape, fam)
+    assert counter_for(config, fam, None, tiny_model_dir, False)(shape) == formula_params(config, shape, fam)

@@ -243,9 +243,9 @@ def _messages_problem(msgs: Any) -> str | None:
     return None
 
 
-def check_chat_template(tokenizer, where: str) -> None:
-    """A messages source needs a tokenizer with a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
+def check_chat_template(template: str | None, where: str) -> None:
+    """A messages source needs the teacher's tokenizer to have a chat template (``template``)."""
+    if not template:
         raise DataError(f"{where}.messages_field: the teacher's tokenizer has no chat template to render messages")
 
 
@@ -407,7 +407,7 @@ def load_rows(
     records = read_source(src, where=where)
     check_records(src, records, where)
     if src.messages_field:
-        check_chat_template(tokenizer, where)
+        check_chat_template(getattr(tokenizer, "chat_template", None), where)
     return render_records(src, records, tokenizer, index)
 
 

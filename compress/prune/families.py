@@ -34,13 +34,17 @@ class Family:
     # moves only in whole heads, so that every server reads the pruned checkpoint as transformers does.
     head_dim_derived: bool = False
     eps_field: str = "rms_norm_eps"  # the config field of the norms' epsilon
+    qkv_bias: bool = False  # q/k/v projections always have biases (Qwen2), whatever attention_bias says
+    # The config's bias switches the model class honours (attention_bias: q/k/v/o; mlp_bias: gate/up/down).
+    bias_fields: tuple[str, ...] = ("attention_bias",)
+    tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class's default)
 
 
-LLAMA = Family("llama")
+LLAMA = Family("llama", bias_fields=("attention_bias", "mlp_bias"))
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,
-    "mistral": Family("mistral"),
-    "qwen2": Family("qwen2", head_dim_derived=True),
+    "mistral": Family("mistral", bias_fields=()),
+    "qwen2": Family("qwen2", head_dim_derived=True, qkv_bias=True, bias_fields=()),
     "qwen3": Family("qwen3", head_norms=("self_attn.q_norm", "self_attn.k_norm")),
     "gemma2": Family(
         "gemma2",
@@ -53,8 +57,9 @@ FAMILIES: dict[str, Family] = {
         importance_norms=("input_layernorm", "pre_feedforward_layernorm"),
         norm_offset=1.0,
         embed_scaled=True,
+        tied_default=True,
     ),
-    "phi3": Family("phi3", fused_qkv=True, fused_gate_up=True, head_dim_derived=True),
+    "phi3": Family("phi3", fused_qkv=True, fused_gate_up=True, head_dim_derived=True, bias_fields=()),
 }
 
 

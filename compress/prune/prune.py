@@ -27,29 +27,13 @@ from compress.lineage import write_json
 from compress.models import count_params, load_model, load_tokenizer, save_checkpoint, torch_dtype
 from compress.prune.families import Family, family_of
 from compress.prune.importance import Calibration, calibration_loss, measure_importance
+from compress.prune.plan import plan_shape
 from compress.prune.report import plot_importance, prune_markdown
 from compress.prune.selection import select
-from compress.prune.shape import Shape, choose_shape, shape_of
+from compress.prune.shape import Shape
 from compress.prune.surgery import build_pruned
 
 IMPORTANCE_FILE = "importance.json"
-
-
-def plan_shape(teacher_dir: Path, prune: PruneConfig, trust_remote_code: bool = False) -> dict[str, Any]:
-    """The student's shape and parameter counts, from the teacher's config.json alone (no weights)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(teacher_dir), trust_remote_code=trust_remote_code)
-    family = family_of(config)
-    shape, params, teacher_params = choose_shape(config, prune, family)
-    return {
-        "family": family.name,
-        "teacher": shape_of(config).as_dict(),
-        "student": shape.as_dict(),
-        "params_before": teacher_params,
-        "params_after": params,
-        "ratio": params / teacher_params,
-    }
 
 
 def read_calibration(path: Path) -> tuple[list[str], list[int]]:

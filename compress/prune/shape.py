@@ -7,17 +7,17 @@ query heads divide evenly into the kept KV groups, and ``hidden_size`` is a mult
 loader derives head_dim from the hidden size (``Family.head_dim_derived``: Phi-3 in transformers,
 Qwen2 in vLLM), the hidden size is heads x head_dim, so the checkpoint means one thing everywhere.
 
-Parameter counts come from the model class itself, built on the meta device with one and two
-layers (no weights allocated): exact for every family, tied embeddings counted once.
+Shapes are sized by a parameter counter (``compress.prune.params``: arithmetic checked against the
+teacher's checkpoint, else the model class on the meta device); nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-
-import torch
+from functools import partial
 
 from compress.prune.families import Family
 
@@ -72,20 +72,6 @@ def config_for(config, shape: Shape, family: Family):
     return new
 
 
-def _meta_params(config) -> int:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_params(config, shape: Shape, family: Family) -> int:
-    """Parameters of a model of ``config``'s family with ``shape`` (exact; built on the meta device)."""
-    one, two = (_meta_params(config_for(config, replace(shape, num_layers=n), family)) for n in (1, 2))
-    return one + (shape.num_layers - 1) * (two - one)
-
-
 def check_shape(config, shape: Shape, family: Family) -> None:
     """Raise ``ValueError`` naming the ``prune.*`` field when ``shape`` cannot be built from ``config``."""
     t = shape_of(config)
@@ -133,18 +119,18 @@ def _round(x: float, step: int, upper: int) -> int:
     return max(step, min(upper, round(x / step) * step))
 
 
-def _fit_ffn(config, shape: Shape, family: Family, target: float, step: int, upper: int) -> Shape:
+def _fit_ffn(count: Callable[[Shape], int], target: float, shape: Shape, step: int, upper: int) -> Shape:
     """``shape`` with the FFN size (a multiple of ``step``) that brings it closest to ``target`` parameters.
 
     Parameters are linear in the FFN size, so two counts give the answer.
     """
-    a, b = (count_params(config, replace(shape, intermediate_size=i), family) for i in (step, 2 * step))
+    a, b = (count(replace(shape, intermediate_size=i)) for i in (step, 2 * step))
     best = step + (target - a) / max(1, b - a) * step
     return replace(shape, intermediate_size=_round(best, step, upper))
 
 
 def _width_candidates(
-    config, base: Shape, fixed: dict, family: Family, width_multiple: int | None, target: float
+    config, base: Shape, fixed: dict, family: Family, width_multiple: int | None, fit: Callable[..., Shape]
 ) -> list[Shape]:
     """Width shapes: hidden and FFN scaled together (heads kept); on Phi-3, whole heads with the FFN fitted."""
     t = shape_of(config)
@@ -160,11 +146,11 @@ def _width_candidates(
                 heads = fixed.get("num_attention_heads", kv * g)
                 shape = replace(base, hidden_size=heads * hd, num_attention_heads=heads, num_key_value_heads=kv)
                 if "intermediate_size" not in fixed:
-                    shape = _fit_ffn(config, shape, family, target, step_i, t.intermediate_size)
+                    shape = fit(shape, step_i, t.intermediate_size)
                 out.append(shape)
         return out
     if "hidden_size" in fixed:  # only the FFN is free
-        return [_fit_ffn(config, base, family, target, step_i, t.intermediate_size)]
+        return [fit(base, step_i, t.intermediate_size)]
     step_h = math.lcm(_multiple(t.hidden_size, width_multiple), base.num_attention_heads)
     out = []
     # The teacher's own hidden size first, then every multiple of the step below it (once each).
@@ -176,8 +162,8 @@ def _width_candidates(
     return out
 
 
-def choose_shape(config, prune_cfg, family: Family) -> tuple[Shape, int, int]:
-    """The student's shape for ``prune_cfg`` and (its parameters, the teacher's parameters).
+def choose_shape(config, prune_cfg, family: Family, count: Callable[[Shape], int]) -> tuple[Shape, int, int]:
+    """The student's shape for ``prune_cfg`` and (its parameters, the teacher's parameters), by ``count``.
 
     Explicit sizes are kept as given. With ``target_ratio`` (0.5 when nothing else is set), the free
     axes of ``method`` are sized so the parameter count is closest to ratio x teacher:
@@ -186,13 +172,13 @@ def choose_shape(config, prune_cfg, family: Family) -> tuple[Shape, int, int]:
     for the rest of the budget.
     """
     t = shape_of(config)
-    teacher_params = count_params(config, t, family)
+    teacher_params = count(t)
     fixed = prune_cfg.explicit_sizes()
     base = replace(t, **fixed)
     ratio = prune_cfg.effective_ratio()
     if ratio is None:
         check_shape(config, base, family)
-        return base, count_params(config, base, family), teacher_params
+        return base, count(base), teacher_params
     target = ratio * teacher_params
     depth_free = prune_cfg.method in ("depth", "both") and "num_layers" not in fixed
     width_free = prune_cfg.method in ("width", "both") and not {"hidden_size", "intermediate_size"} <= fixed.keys()
@@ -200,7 +186,8 @@ def choose_shape(config, prune_cfg, family: Family) -> tuple[Shape, int, int]:
         base = replace(base, num_layers=max(1, round(t.num_layers * math.sqrt(ratio))))
     candidates = [base]
     if width_free:
-        candidates = _width_candidates(config, base, fixed, family, prune_cfg.width_multiple, target)
+        fit = partial(_fit_ffn, count, target)
+        candidates = _width_candidates(config, base, fixed, family, prune_cfg.width_multiple, fit)
     elif depth_free:
         candidates = [replace(base, num_layers=n) for n in range(1, t.num_layers + 1)]
     valid = []
@@ -212,5 +199,5 @@ def choose_shape(config, prune_cfg, family: Family) -> tuple[Shape, int, int]:
         valid.append(shape)
     if not valid:
         check_shape(config, candidates[0], family)  # raises the reason
-    best = min(valid, key=lambda s: abs(count_params(config, s, family) - target))
-    return best, count_params(config, best, family), teacher_params
+    best = min(valid, key=lambda s: abs(count(s) - target))
+    return best, count(best), teacher_params
