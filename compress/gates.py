@@ -297,6 +297,9 @@ def check_gates(gates: list[str], models: dict[str, dict[str, Any]], headline: t
     return [check_gate(text, models, headline, i) for i, text in enumerate(gates)]
 
 
+ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
 def check_gate(text: str, models: dict[str, dict[str, Any]], headline: tuple[str, str], index: int = 0) -> GateResult:
     """Evaluate one gate, ``evaluate.gates[index]`` (see ``check_gates``)."""
     gate = parse_gate(text)
@@ -315,7 +318,8 @@ def check_gate(text: str, models: dict[str, dict[str, Any]], headline: tuple[str
         x, y = value(a), value(b)
         if op == "/" and y == 0:
             raise GateError(f"{where} divides by zero")
-        return {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
+        # Functions, not results: a dict of results would compute x / y for every operator.
+        return ARITHMETIC[op](x, y)
 
     left, right = value(gate.left), value(gate.right)
     return GateResult(text, OPS[gate.op](left, right), left, gate.op, right, values)

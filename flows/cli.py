@@ -66,6 +66,10 @@ def _preflight(cfg: PipelineConfig, full: bool):
     return pf
 
 
+# The run's log file once a flow is about to run (tracebacks go there, not to the terminal).
+_RUN_LOG: list[Path] = []
+
+
 def _checked_flow(cfg: PipelineConfig, name: str):
     """Preflight while the run's own Prefect API server boots; the flow ``flows.compress.<name>`` once it answers."""
     _env_defaults()
@@ -75,9 +79,16 @@ def _checked_flow(cfg: PipelineConfig, name: str):
     _preflight(cfg, full=True)
     import flows.compress
 
+    _route_tracebacks(cfg.run_dir)
     if server is not None:
         server.wait_ready()
     return getattr(flows.compress, name)
+
+
+def _route_tracebacks(run_dir: Path) -> None:
+    from flows.console import route_tracebacks
+
+    _RUN_LOG[:] = [route_tracebacks(run_dir)]
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict:
@@ -96,7 +107,7 @@ def _run_and_print(flow_fn, cfg, t0: float) -> dict:
         # Every report file is written before a gate fails the run: show the results, then why.
         summary = read_json(cfg.run_dir.resolve() / "summary.json")
         _print_summary(summary, cfg.run_dir.resolve(), t0)
-        _fail(f"GateFailed: {e}", code=1)
+        _fail(str(e), code=1)
     _print_summary(result.summary, Path(result.run_dir), t0)
     return result.summary
 
@@ -204,6 +215,7 @@ def _run_evaluate_only(cfg) -> dict:
     server = start_local_server()
     import flows.evaluate_only
 
+    _route_tracebacks(cfg.run_dir)
     if server is not None:
         server.wait_ready()
     return _run_and_print(flows.evaluate_only.evaluate_only, cfg, t0)
@@ -287,21 +299,37 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. r
     _print_summary(summary, run_dir)
     failed = failed_gates(summary)
     if failed:
-        _fail(f"GateFailed: {failed}", code=1)
+        _fail(failed, code=1)
 
 
 def _guard(fn):
-    """Run ``fn`` and return its result; report a failure as one line (DISTILLFLOW_DEBUG=1: traceback)."""
+    """Run ``fn`` and return its result; report a failure as one line (DISTILLFLOW_DEBUG=1: traceback).
+
+    A refused input exits 2; a cancelled run (Ctrl-C) 130; any other failure 1, with its root cause
+    and, once a run has started, the log that holds the traceback.
+    """
     try:
         return fn()
     except ConfigError as e:
         _fail(str(e))
-    except (KeyboardInterrupt, typer.Exit):
+    except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        _fail("cancelled: finished stages are kept in the run directory; the same command resumes", code=130)
     except Exception as e:
         if os.environ.get("DISTILLFLOW_DEBUG"):
             raise
-        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", code=1)
+        where = f" (log: {_RUN_LOG[0]})" if _RUN_LOG else ""
+        _fail(f"{describe_failure(e)}{where}", code=1)
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for a failure: our own errors by their message, anything else with its type (the message alone
+    of a KeyError or an OSError does not say what happened)."""
+    from compress.errors import first_line
+
+    own = e.__class__.__module__.split(".")[0] in ("compress", "stages", "flows", "evaluation")
+    return first_line(e) if own and str(e) else f"{type(e).__name__}: {first_line(e)}"
 
 
 def main() -> None:

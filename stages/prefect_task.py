@@ -25,11 +25,13 @@ from prefect.states import Completed
 from compress.generate.teacher import GenerationError
 from compress.serving.vllm_server import ServerError
 
+# Faults a second attempt can fix: a server that died or did not answer in time, a dropped
+# connection. Everything else recurs (a refused model, a bad config, a missing file) and fails at once.
 TRANSIENT = (ServerError, GenerationError, ConnectionError, TimeoutError)
 
 
 def _retry_transient(task, task_run, state) -> bool:
-    """Retry only faults that a second attempt can fix."""
+    """Retry only faults that a second attempt can fix (``TRANSIENT``)."""
     try:
         state.result()
     except TRANSIENT:

@@ -86,6 +86,10 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     model_config = read_model_config(teacher.path)
     if "num_hidden_layers" not in text_config(model_config):
         raise ConfigError(f"teacher.path: '{cfg.teacher.path}' config.json has no num_hidden_layers (not a decoder)")
+    if cfg.generate.backend == "vllm" and cfg.generate.endpoint is None:
+        from compress.serving.quantization import check_servable_quantization
+
+        check_servable_quantization(model_config, "teacher.path")
     pf = Preflight(cfg, full, teacher, model_config)
     check_run_dir(cfg.runs_dir, cfg.run_dir, pf)
     if cfg.teacher.trust_remote_code:

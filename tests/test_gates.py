@@ -243,3 +243,15 @@ def test_config_refuses_a_bare_gate_on_a_named_lower_is_better_headline(tmp_path
     msg = str(e.value)
     assert "evaluate.gates" in msg and "kl is lower-is-better" in msg and "student.fidelity.kl" in msg
     assert "\n" not in msg
+
+
+def test_a_zero_score_in_a_product_is_a_verdict_not_a_division():
+    """Found by a gate on a teacher that scores 0: only '/' divides (every operator was computed at once)."""
+    zero = {"teacher": {"params": 1, "scores": {"taskworld": {"exact_match": {"value": 0.0}}}}} | {
+        "student": MODELS["student"]
+    }
+    r = check_gate("student >= 2.0 * teacher", zero, HEAD)
+    assert r.passed and r.right == 0.0
+    assert not check_gate("student - teacher <= 0.5", zero, HEAD).passed
+    with pytest.raises(GateError, match="divides by zero"):
+        check_gate("student / teacher >= 1", zero, HEAD)

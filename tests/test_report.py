@@ -128,7 +128,7 @@ def test_cli_report_rebuilds_and_fails_on_a_gate(run_dir):
     assert "FAIL  gate 'student >= 0.95 * teacher' not met" in proc.stdout
     assert "prune" in proc.stdout and "(ran in 41.5s, peak 2,048 MiB)" in proc.stdout
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: GateFailed: 1 of 2 evaluate.gates not met")
+    assert len(err) == 1 and err[0].startswith("error: 1 of 2 evaluate.gates not met")
 
     # Gates changed in the run's config: the report is rebuilt without re-running anything.
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -31,6 +32,34 @@ class ServerError(RuntimeError):
     """The vLLM server could not be started or died (a transient fault: worth a retry)."""
 
 
+class ServerRefused(RuntimeError):
+    """vLLM exited while starting, on a model or settings it does not accept: a retry would get the same answer."""
+
+
+# An exception line in the server's log: ``ValueError: ...``, ``(EngineCore pid=12) RuntimeError: ...``.
+_ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\)\s*)?(?:ERROR [^\]]*\]\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+# vLLM's wrappers around the real cause, which it printed earlier in the same log.
+_WRAPPERS = ("See root cause above", "Engine core initialization failed", "Failed core proc")
+_PORT_TAKEN = "Address already in use"
+_PYDANTIC_HEAD = re.compile(r"^\d+ validation errors? for \w+$")
+
+
+def start_up_cause(log_text: str) -> str | None:
+    """The root cause of a failed start, from the server's log: the first exception line that is not
+    one of vLLM's wrappers (``Engine core initialization failed. See root cause above``), cut to 300 characters."""
+    lines = log_text.splitlines()
+    for i, line in enumerate(lines):
+        m = _ERROR_LINE.match(line.strip())
+        if m and not any(w in line for w in _WRAPPERS):
+            message = m.group(2)
+            if _PYDANTIC_HEAD.match(message) and i + 1 < len(lines):
+                # pydantic puts the message on the next line: "  Value error, Unknown ... [type=value_error, ...]"
+                detail = lines[i + 1].strip().removeprefix("Value error, ").split(" [type=")[0]
+                message = f"{message}: {detail}"
+            return f"{m.group(1)}: {message}"[:300]
+    return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     with socket.socket() as s:
@@ -43,6 +72,10 @@ def _tail(path: Path, n: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "<no log>"
+
+
+class _PortTaken(Exception):
+    """The server could not bind its port (taken since it was chosen)."""
 
 
 class ServerSpec(BaseModel):
@@ -102,8 +135,10 @@ class VLLMServer:
         # A fresh random key per server: another local user cannot use (or poison) our teacher.
         self.api_key = api_key or secrets.token_urlsafe(24)
         self.restarts = 0
+        self.port_retries = 0
         self.proc: subprocess.Popen | None = None
         self._prev_sigterm = None
+        self._log_offset = 0
 
     @property
     def served_name(self) -> str:
@@ -156,6 +191,7 @@ class VLLMServer:
         self.port = self.port or free_port(self.host)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        self._log_offset = log.tell()  # this attempt's part of the (appended) log
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
         )
@@ -165,15 +201,35 @@ class VLLMServer:
             self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self._wait_ready()
+        except _PortTaken:
+            # Another process took the port between free_port() and the server's bind: take another.
+            self.stop()
+            self.port = free_port(self.host)
+            return self.start()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _attempt_log(self) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.spec.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                text = self._attempt_log()
+                if _PORT_TAKEN in text and self.port_retries < 3:
+                    self.port_retries += 1
+                    raise _PortTaken()
+                cause = start_up_cause(text)
+                if cause is not None:
+                    raise ServerRefused(f"vLLM did not start on {self.spec.model_dir}: {cause} (log {self.log_path})")
                 raise ServerError(
                     f"vLLM server exited with code {self.proc.returncode} during start-up; log {self.log_path}:\n"
                     + _tail(self.log_path)
