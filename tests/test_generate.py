@@ -228,13 +228,14 @@ def test_rows_are_checked_before_any_request(tmp_path, hf_teacher, tok):
 
 
 def test_self_distill_keeps_accepted_rewrites_and_the_originals_otherwise(tmp_path, hf_teacher, tok):
-    """The tiny teacher answers its task-world prompts: with a template that only asks the question, its
+    """The tiny teacher answers its task-world prompts: with a template that ends with the question, its
     correct answers are accepted; the rest keep the original answer. The teacher-forced cache covers both."""
     data = rows(40)
-    sd = {"template": "{instruction}\u200b{answer}", "checker": "exact"}
+    # The answer on a line of its own, then the question: the teacher answers the question it ends
+    # with, and gets some right (13 of 40 when measured), so both branches are taken.
+    sd = {"template": "{answer}\n{instruction}", "checker": "exact"}
     stats, out = _run(tmp_path, hf_teacher, tok, data, mode="self_distill", self_distill=sd)
-    # The template shows the teacher its answer in a form it never saw: whatever it writes, a row is
-    # either its accepted rewrite or the original answer, and the rate is reported.
+    assert 0 < stats["rewrites_accepted"] < len(data), stats
     assert stats["rewrites_accepted"] == sum(r["rewritten"] for r in out)
     assert stats["acceptance_rate"] == pytest.approx(stats["rewrites_accepted"] / 40)
     for r, src in zip(out, data, strict=True):

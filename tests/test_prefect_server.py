@@ -209,8 +209,9 @@ def test_cli_then_deployment_hits_then_kd_change(server, tmp_path):
     arts = {a.key: a for a in _api(env, artifacts)}
     assert {"compress-report", "compress-results", "compress-summary"} <= set(arts), list(arts)
     assert "KD student" in arts["compress-report"].data
-    table = json.loads(arts["compress-results"].data) if isinstance(arts["compress-results"].data, str) else None
-    assert table is None or {r["model"] for r in table} == {"teacher", "pruned", "sft", "student"}
+    data = arts["compress-results"].data  # a table artifact: its rows, as JSON text from the API
+    table = json.loads(data) if isinstance(data, str) else data
+    assert isinstance(table, list) and {r["model"] for r in table} == {"teacher", "pruned", "sft", "student"}, data
     assert str(runs / "shared") in arts["compress-summary"].data
 
     # 3. Only the KD settings change: only the KD student is re-trained and re-evaluated (the SFT
