@@ -202,6 +202,7 @@ def check_tasks(cfg: EvaluateConfig, world_tasks: list[str] | None = None) -> li
     names = user_task_names(cfg)
     if not names:
         return out
+    _refuse_unknown_names(cfg, names)
     tm = task_manager(cfg)
     index = tm.task_index
     for name in names:
@@ -211,6 +212,48 @@ def check_tasks(cfg: EvaluateConfig, world_tasks: list[str] | None = None) -> li
             data = _check_data(name, leaf, index[leaf].cfg or {}, index[leaf].yaml_path)
             out.append({"task": name, "lm_eval": leaf, "data": data})
     return out
+
+
+def _refuse_unknown_names(cfg: EvaluateConfig, names: list[str]) -> None:
+    """A ConfigError for the first name that is neither an installed lm-eval task nor in ``include_path``.
+
+    From a cached list of lm-eval's task names (``installed_task_names``) and an index of the local
+    YAMLs alone, so a misspelt task is refused in about a second, not after the 7 s it takes
+    lm-eval to index its 14,000 tasks.
+    """
+    from lm_eval.tasks import TaskManager
+
+    local: set[str] = set()
+    if cfg.include_path is not None:
+        local = set(TaskManager(include_path=[str(Path(cfg.include_path).resolve())], include_defaults=False).all_tasks)
+    installed = installed_task_names()
+    for name in names:
+        if name not in local and name not in installed:
+            raise ConfigError(f"evaluate.tasks: unknown lm-eval task '{name}'" + _hint(cfg))
+
+
+def installed_task_names() -> frozenset[str]:
+    """lm-eval's own task, group and tag names, indexed once per lm-eval version and kept in
+    ``$DISTILLFLOW_CACHE_DIR`` (default ``~/.cache/distillflow``)."""
+    import json
+    import os
+    from importlib.metadata import version
+
+    from compress.gguf import cache_root
+
+    path = cache_root() / f"lm-eval-{version('lm_eval')}-task-names.json"
+    try:
+        return frozenset(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass
+    from lm_eval.tasks import TaskManager
+
+    names = sorted(TaskManager(include_defaults=True).all_tasks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(names))
+    tmp.replace(path)  # atomic: a concurrent run reads the old file or the whole new one
+    return frozenset(names)
 
 
 def _hint(cfg: EvaluateConfig) -> str:

@@ -150,3 +150,14 @@ def test_data_errors_are_config_errors():
     from compress.data.prepare import DataError
 
     assert issubclass(DataError, ConfigError)
+
+
+def test_installed_task_names_are_lm_evals_own_and_cached(tmp_path, monkeypatch):
+    """The list a misspelt task is refused against holds lm-eval's tasks, groups and tags, and is read back."""
+    from evaluation.tasks import installed_task_names
+
+    monkeypatch.setenv("DISTILLFLOW_CACHE_DIR", str(tmp_path))
+    names = installed_task_names()
+    assert {"hellaswag", "arc_easy", "gsm8k", "mmlu"} <= names and len(names) > 1000
+    (cached,) = tmp_path.glob("lm-eval-*-task-names.json")
+    assert installed_task_names() == names and cached.is_file()
