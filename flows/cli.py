@@ -77,12 +77,21 @@ def _checked_flow(cfg: PipelineConfig, name: str):
 
     server = start_local_server()
     _preflight(cfg, full=True)
+    _hold_run_dir(cfg.run_dir)
     import flows.compress
 
     _route_tracebacks(cfg.run_dir)
     if server is not None:
         server.wait_ready()
     return getattr(flows.compress, name)
+
+
+def _hold_run_dir(run_dir: Path) -> None:
+    """Take the run directory's lock for this process before Prefect starts (the flow re-enters it), so
+    that a directory another run is writing is refused in one line."""
+    from compress.rundir import RunDirLock
+
+    _guard(RunDirLock(run_dir).__enter__)  # held until the process exits
 
 
 def _route_tracebacks(run_dir: Path) -> None:
@@ -213,6 +222,7 @@ def _run_evaluate_only(cfg) -> dict:
     from flows.local_server import start_local_server
 
     server = start_local_server()
+    _hold_run_dir(cfg.run_dir)
     import flows.evaluate_only
 
     _route_tracebacks(cfg.run_dir)

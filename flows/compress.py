@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from compress.config import PipelineConfig, TeacherConfig, load_yaml, validate
 from compress.lineage import code_version, package_versions, read_json, source_hash, write_json
 from compress.models import resolve_device
+from compress.rundir import RunDirLock
 from flows.publish import publish
 from stages.pipeline import Context, run_pipeline
 from stages.preflight import context, preflight
@@ -71,7 +72,7 @@ def compress_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> PipelineResult
     _tag_flow_run(cfg.tags)
     restore = _cancel_on_sigterm()
     try:
-        with tags(*cfg.tags):
+        with tags(*cfg.tags), RunDirLock(cfg.run_dir):
             ctx, runner = _setup(cfg)
             done = run_pipeline(cfg, ctx, runner)
             return _publish(cfg, ctx, runner, done)
@@ -84,7 +85,7 @@ def prune_flow(config: PipelineConfig = DEFAULT_CONFIG) -> PipelineResult:
     """Only prepare and prune: the student checkpoint, importance scores, report and plot, in the run dir."""
     cfg = PipelineConfig.model_validate(config.model_dump())
     _tag_flow_run(cfg.tags)
-    with tags(*cfg.tags):
+    with tags(*cfg.tags), RunDirLock(cfg.run_dir):
         ctx, runner = _setup(cfg)
         done = run_pipeline(cfg, ctx, runner, until="prune")
     return PipelineResult(run_dir=str(ctx.run_dir), summary={"prune": done["prune"].result, "stages": runner.stages})

@@ -13,10 +13,11 @@ from pathlib import Path
 import yaml
 from prefect import flow
 
-from compress.config import EvaluateOnlyConfig
+from compress.config import ConfigError, EvaluateOnlyConfig
 from compress.jobs import Checkpoint, EvaluateJob
 from compress.lineage import code_version, hash_cache_file, package_versions, sha256_path_cached, source_hash
 from compress.models import resolve_device
+from compress.rundir import RunDirLock
 from evaluation.tasks import check_tasks
 from flows.compress import PipelineResult
 from flows.publish import publish
@@ -32,7 +33,12 @@ def evaluate_only(config: EvaluateOnlyConfig = EvaluateOnlyConfig()) -> Pipeline
     check_evaluation(cfg.evaluate, [m.name for m in cfg.models], check_tasks(cfg.evaluate, list(cfg.taskworld.tasks)))
     for m in cfg.models:
         if not (Path(m.path) / "config.json").is_file():
-            raise FileNotFoundError(f"models[{m.name}].path: no checkpoint at '{m.path}'")
+            raise ConfigError(f"models[{m.name}].path: no checkpoint at '{m.path}'")
+    with RunDirLock(cfg.run_dir):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluateOnlyConfig) -> PipelineResult:
     device = resolve_device(cfg.device)
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
