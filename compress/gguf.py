@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import ConfigError, first_line
+from compress.lineage import file_sha256
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "gguf_source.json"
@@ -81,15 +81,6 @@ def cache_root() -> Path:
     """Where converted checkpoints live: ``$DISTILLFLOW_CACHE_DIR`` or ``~/.cache/distillflow``."""
     root = os.environ.get("DISTILLFLOW_CACHE_DIR")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "distillflow"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of one file's bytes (about half a second for a 100 MB file)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def supported_architectures() -> list[str]:

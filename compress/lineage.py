@@ -18,25 +18,41 @@ SIDECAR_FILES = frozenset({"teacher_manifest.json", "README.md"})
 TRACKED_PACKAGES = ("torch", "transformers", "prefect", "lm_eval", "peft", "accelerate", "tokenizers", "pydantic")
 
 
-def sha256_path(path: Path, skip: frozenset[str] = SIDECAR_FILES) -> str:
-    """sha256 of a file, or of a directory's files (relative names and bytes, in sorted order)."""
-    path = Path(path)
+def file_sha256(path: Path) -> str:
+    """sha256 of one file's bytes, as ``sha256sum`` prints it."""
     h = hashlib.sha256()
-    if path.is_file():
-        files = [path]
-        base = path.parent
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip)
-        base = path
-    else:
-        raise FileNotFoundError(f"cannot hash '{path}': no such file or directory")
-    for f in files:
-        h.update(str(f.relative_to(base)).encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
+
+
+def list_files(path: Path, skip: frozenset[str] = SIDECAR_FILES) -> list[dict[str, Any]]:
+    """``[{path, size, sha256}]`` of a file (its name), or of a directory's files (relative paths, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return [{"path": path.name, "size": path.stat().st_size, "sha256": file_sha256(path)}]
+    if not path.is_dir():
+        raise FileNotFoundError(f"cannot hash '{path}': no such file or directory")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip)
+    return [{"path": f.relative_to(path).as_posix(), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files]
+
+
+def files_digest(files: list[dict[str, Any]]) -> str:
+    """The digest of a file list: sha256 over its ``path\\0size\\0sha256`` lines, in path order.
+
+    Every content hash here is this digest of the files' own sha256, so a manifest that lists the
+    files (``compress.integrity``) proves its directory digests, and each file can be checked alone.
+    """
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f["path"]):
+        h.update(f"{f['path']}\0{f['size']}\0{f['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_path(path: Path, skip: frozenset[str] = SIDECAR_FILES) -> str:
+    """The content hash of a file or a directory: ``files_digest`` of its files."""
+    return files_digest(list_files(path, skip))
 
 
 HASH_CACHE = ".hashcache.json"
@@ -48,25 +64,35 @@ def hash_cache_file(runs_dir: Path) -> Path:
 
 
 def sha256_path_cached(path: Path, cache_file: Path) -> str:
-    """``sha256_path`` of a directory, reused while no file's name, size or mtime changed.
+    """``sha256_path`` of a file or directory, reused while no file's name, size or mtime changed."""
+    return files_digest(list_files_cached(path, cache_file))
+
+
+def list_files_cached(path: Path, cache_file: Path) -> list[dict[str, Any]]:
+    """``list_files`` of a file or directory, reused while no file's name, size or mtime changed.
 
     The stat check is the one git and make rely on; it spares re-reading a multi-GB teacher on
     every run and every ``plan``.
     """
     path = Path(path).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in SIDECAR_FILES)
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in SIDECAR_FILES)
     stats = [(f, f.stat()) for f in files]
     stamp = hashlib.sha256(
-        "\n".join(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}" for f, st in stats).encode()
+        "\n".join(
+            f"{f.name if f == path else f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}" for f, st in stats
+        ).encode()
     ).hexdigest()
     cache = read_json(cache_file, default={})
     hit = cache.get(str(path))
-    if hit and hit.get("stamp") == stamp:
-        return hit["sha256"]
-    digest = sha256_path(path)
-    cache[str(path)] = {"stamp": stamp, "sha256": digest}
+    if hit and hit.get("stamp") == stamp and "files" in hit:
+        return hit["files"]
+    listed = list_files(path)
+    cache[str(path)] = {"stamp": stamp, "sha256": files_digest(listed), "files": listed}
     write_json(cache_file, cache)
-    return digest
+    return listed
 
 
 def source_hash(roots: tuple[str, ...] = ("compress", "evaluation", "stages")) -> str:

@@ -294,6 +294,19 @@ def serve() -> None:
 
 
 @app.command()
+def verify(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/demo.")]) -> None:
+    """Check every output file a run's manifest lists (size and sha256); exit 1 naming each one that differs."""
+    from compress.integrity import verify_run
+
+    checked, problems = verify_run(run_dir)
+    for line in problems:
+        typer.echo(line, err=True)
+    if problems:
+        _fail(f"{run_dir}: {len(problems)} of the run's files are missing or changed ({checked} checked)", code=1)
+    typer.echo(f"{run_dir}: all {checked} recorded output files match their size and sha256")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/demo.")]) -> None:
     """Rebuild a finished run's report from its files and print it; exit 1 when a gate is not met.
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from compress import config
 from compress.jobs import Job
-from compress.lineage import hash_cache_file, read_json, record_stage, sha256_path_cached
+from compress.lineage import hash_cache_file, list_files_cached, read_json, record_stage, sha256_path_cached
 from stages.memory import PeakRSS, maxrss_mb
 
 
@@ -118,11 +118,31 @@ class StageRunner:
         recorded = rec.get("outputs", {})
         for name, path in stage.outputs.items():
             if not path.exists() or recorded.get(name) != self._hash(path):
+                self._name_damage(stage.name, rec.get("files", {}).get(name))
                 return None
         return rec
 
+    def _name_damage(self, stage: str, files: list[dict] | None) -> None:
+        """Say which recorded output files are missing or changed (the stage then runs again, rebuilding them)."""
+        from prefect.logging import get_run_logger
+
+        from compress.integrity import check_files
+
+        problems = check_files(self.run_dir, files) if files else []
+        if problems:
+            get_run_logger().warning(
+                "stage %s: its recorded outputs changed, so it runs again: %s", stage, "; ".join(problems[:5])
+            )
+
     def _hash(self, path: Path) -> str:
         return sha256_path_cached(path, self.hash_cache)
+
+    def _files(self, path: Path) -> list[dict[str, Any]]:
+        """The output's files with paths relative to the run directory (what ``distillflow verify`` checks)."""
+        listed = list_files_cached(path, self.hash_cache)
+        base = path if path.is_dir() else path.parent
+        prefix = base.resolve().relative_to(self.run_dir.resolve()).as_posix()
+        return [f | {"path": f"{prefix}/{f['path']}" if prefix != "." else f["path"]} for f in listed]
 
     def __call__(self, stage: Stage) -> Done:
         from prefect.logging import get_run_logger
@@ -138,6 +158,7 @@ class StageRunner:
         result = state.result()
         seconds = round(time.time() - t0, 2)
         hashes = {name: self._hash(p) for name, p in stage.outputs.items()}
+        files = {name: self._files(p) for name, p in stage.outputs.items()}
         cached = hit is not None
         ran = hit.get("ran_seconds", hit.get("seconds")) if hit else seconds
         # Like ran_seconds: a cache hit keeps the peak of the run that made its outputs.
@@ -152,6 +173,7 @@ class StageRunner:
                 "config_hash": stage.job.key(),  # the job's key (DESIGN.md: "config hash")
                 "inputs": stage.inputs,
                 "outputs": hashes,
+                "files": files,
                 "code_hash": self.provenance.code,
                 "code_version": self.provenance.code_version,
                 "packages": self.provenance.packages,
@@ -200,6 +222,9 @@ class PlanRunner(StageRunner):
     def __init__(self, run_dir: Path, provenance: Provenance, force: list[str] | None = None):
         super().__init__(run_dir, provenance, force)
         self.status: list[tuple[str, str]] = []
+
+    def _name_damage(self, stage: str, files: list[dict] | None) -> None:
+        """``plan`` shows the stage as "will run"; the run itself names what changed (and plan imports no Prefect)."""
 
     def __call__(self, stage: Stage) -> Done:
         known = all(h is not None for h in stage.inputs.values())

@@ -11,6 +11,7 @@ margins asserted are a fraction of what was seen.
 import pytest
 
 from compress.config import load_config
+from compress.integrity import verify_run
 from tests.conftest import ROOT, VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow
@@ -43,3 +44,13 @@ def test_training_recovers_and_kd_keeps_the_language(tmp_path, prefect_home):
     assert score["sft"] > score["pruned"] + 0.15, score  # so does SFT, on the same data
     assert bpb["student"] < 0.75 * bpb["sft"], bpb  # KD keeps the language, SFT forgets it
     assert bpb["student"] < bpb["pruned"] * 1.1, bpb
+
+    # Nothing lost: every output file the manifest lists is there, with its size and sha256; a
+    # truncated checkpoint is named.
+    run = tmp_path / "relations"
+    checked, problems = verify_run(run)
+    assert checked > 20 and problems == [], problems
+    weights = run / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _, problems = verify_run(run)
+    assert len(problems) == 1 and "student/model.safetensors: 1000 bytes" in problems[0], problems

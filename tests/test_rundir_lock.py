@@ -1,4 +1,4 @@
-"""One run at a time in a run directory: a second process is refused with the holder named; a dead holder's lock is taken over."""
+"""One run at a time in a run directory: a second process is refused, naming the holder; a dead one's lock is taken."""
 
 import os
 import subprocess
@@ -9,7 +9,10 @@ import pytest
 
 from compress.rundir import LOCK_FILE, RunDirLock, RunDirLocked
 
-HOLD = "import sys, time; from compress.rundir import RunDirLock\nwith RunDirLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+HOLD = (
+    "import sys, time; from compress.rundir import RunDirLock\n"
+    "with RunDirLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+)
 
 
 def _holder(run_dir):
@@ -22,9 +25,9 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path):
     run_dir = tmp_path / "runs" / "demo"
     proc = _holder(run_dir)
     try:
-        with pytest.raises(RunDirLocked, match=rf"another run is writing this run directory \(pid {proc.pid}, started "):
-            with RunDirLock(run_dir):
-                pass
+        held = rf"another run is writing this run directory \(pid {proc.pid}, started "
+        with pytest.raises(RunDirLocked, match=held), RunDirLock(run_dir):
+            pass
     finally:
         proc.kill()
         proc.wait()
