@@ -183,6 +183,22 @@ def check_tokenizer_files(model_dir: Path, field: str) -> None:
         raise ConfigError(f"{field}: cannot load the tokenizer from '{model_dir}': {first}") from None
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_safetensors_only(model_dir: Path, field: str) -> None:
+    """A checkpoint on disk with pickled weights and no safetensors is refused: unpickling can run code."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or any(model_dir.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in model_dir.glob(pattern))
+    if pickled:
+        raise ConfigError(
+            f"{field}: '{model_dir}' holds pickled weights ({', '.join(pickled[:3])}), which can run code when "
+            "loaded; only safetensors are loaded: convert them (model.save_pretrained(dir, safe_serialization=True))"
+        )
+
+
 def safetensors_shapes(model_dir: Path) -> dict[str, list[int]]:
     """Tensor name -> shape, from the safetensors headers only.
 

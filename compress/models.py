@@ -57,7 +57,10 @@ def load_model(
     path: Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu", trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Load a causal LM from a checkpoint directory onto ``device``."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when it is loaded.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
     return model.to(device)
 
 

@@ -23,6 +23,7 @@ from compress.config import ConfigError, DatasetSource, EvaluateConfig, Pipeline
 from compress.hub import (
     ResolvedModel,
     chat_template_of,
+    check_safetensors_only,
     check_tokenizer_files,
     checkpoint_layout,
     read_model_config,
@@ -84,6 +85,7 @@ def preflight(cfg: PipelineConfig, full: bool = True) -> Preflight:
     # config.json first: every check runs before a hub teacher's weights download.
     teacher = resolve_model(cfg.teacher, download=False)
     model_config = read_model_config(teacher.path)
+    check_safetensors_only(teacher.path, "teacher.path")
     if "num_hidden_layers" not in text_config(model_config):
         raise ConfigError(f"teacher.path: '{cfg.teacher.path}' config.json has no num_hidden_layers (not a decoder)")
     if cfg.generate.backend == "vllm" and cfg.generate.endpoint is None:

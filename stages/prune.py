@@ -99,7 +99,7 @@ def check_student(cfg: PipelineConfig, pf: Preflight) -> None:
     """A student of the user's own: found, a decoder, and sharing the teacher's vocabulary and chat template."""
     from transformers import AutoConfig
 
-    from compress.hub import checkpoint_layout, read_model_config, resolve_model, text_config
+    from compress.hub import check_safetensors_only, checkpoint_layout, read_model_config, resolve_model, text_config
     from compress.models import load_tokenizer
     from compress.prune.shape import shape_of
     from compress.student import StudentMismatch, check_compatible
@@ -107,6 +107,7 @@ def check_student(cfg: PipelineConfig, pf: Preflight) -> None:
     assert cfg.student is not None
     resolved = resolve_model(cfg.student, download=pf.full)
     config = read_model_config(resolved.path)
+    check_safetensors_only(resolved.path, "student.path")
     if "num_hidden_layers" not in text_config(config):
         raise ConfigError(f"student.path: '{cfg.student.path}' config.json has no num_hidden_layers (not a decoder)")
     try:

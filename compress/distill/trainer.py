@@ -118,7 +118,9 @@ def train_causal_lm(
     if hidden_mse is not None:
         callbacks.append(ProjectionCheckpoint(hidden_mse))
         if resume and (Path(resume) / PROJECTION_FILE).is_file():
-            hidden_mse.load_state_dict(torch.load(Path(resume) / PROJECTION_FILE, map_location=run.device))
+            hidden_mse.load_state_dict(
+                torch.load(Path(resume) / PROJECTION_FILE, map_location=run.device, weights_only=True)
+            )
     cached_k = run.top_k if run.objective.kd_weight > 0 and run.teacher is None else None
     collate = make_collator(pad_id(run.tokenizer), cached_k, pack=run.train.pack)
     _check_heads((model, run.teacher), run, examples)

@@ -187,6 +187,16 @@ CASES: list[Case] = [
         sets=["teacher.path={tmp}/teacher"],
         expect=["teacher.path", "nosuchquant", "vLLM"],
     ),
+    Case(
+        "teacher-pickled-weights",
+        "a teacher whose weights are pickled (pytorch_model.bin), not safetensors",
+        setup=lambda t: (
+            _teacher_copy(t, drop=("model.safetensors",)),
+            (t / "teacher" / "pytorch_model.bin").write_bytes(b"x"),
+        ),
+        sets=["teacher.path={tmp}/teacher"],
+        expect=["teacher.path", "pytorch_model.bin", "safetensors"],
+    ),
     Case("teacher-dtype-unknown", "an unknown teacher dtype", sets=["teacher.dtype=float8"], expect=["teacher.dtype"]),
     # Pruning.
     Case("prune-method-unknown", "an unknown pruning method", sets=["prune.method=sideways"], expect=["prune.method"]),
