@@ -72,8 +72,9 @@ def direct(cfg, run_dir: Path) -> float:
         device=device,
         out_dir=run_dir / "pruned",
     )
-    prune_model(prune)
+    kept_layers = prune_model(prune)["kept_layers"]
     need_logits = cfg.distill.teacher_source == "cached"
+    online = cfg.distill.teacher_source == "online"
     generate_data(
         GenerateJob(teacher=Checkpoint(path=teacher, identity=None), prompts=data / "prompts.jsonl", prompts_sha=None,
                     generate=cfg.generate, need_logits=need_logits, device="cpu", run_dir=run_dir),
@@ -84,7 +85,9 @@ def direct(cfg, run_dir: Path) -> float:
         distill_student(
             DistillJob(student=Checkpoint(path=run_dir / "pruned", identity=None), data_dir=data,
                        logits_dir=run_dir / "logits", data_sha=None, distill=cfg.distill, kd=kd, device=device,
-                       out_dir=run_dir / name)
+                       out_dir=run_dir / name, teacher_layers=kept_layers,
+                       # As stages/distill.py declares it: the online teacher for KD only.
+                       teacher=Checkpoint(path=teacher, identity=None) if kd and online else None)
         )  # fmt: skip
         models[name] = run_dir / name
     for path in models.values():
