@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,7 +142,8 @@ class StageRunner:
         """The output's files with paths relative to the run directory (what ``distillflow verify`` checks)."""
         listed = list_files_cached(path, self.hash_cache)
         base = path if path.is_dir() else path.parent
-        prefix = base.resolve().relative_to(self.run_dir.resolve()).as_posix()
+        # relpath, not relative_to: an output outside the run directory is listed as ../... (still checkable).
+        prefix = Path(os.path.relpath(base.resolve(), self.run_dir.resolve())).as_posix()
         return [f | {"path": f"{prefix}/{f['path']}" if prefix != "." else f["path"]} for f in listed]
 
     def __call__(self, stage: Stage) -> Done:

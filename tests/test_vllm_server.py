@@ -16,7 +16,7 @@ from compress.generate.run import Generator
 from compress.generate.teacher import HTTPTeacher
 from compress.jsonl import read_jsonl
 from compress.models import load_model, load_tokenizer
-from compress.serving.vllm_server import ServerError, ServerSpec, VLLMServer, group_members
+from compress.serving.vllm_server import ServerError, ServerRefused, ServerSpec, VLLMServer, group_members
 from tests.conftest import VLLM_PYTHON, require_vllm
 
 pytestmark = pytest.mark.slow
@@ -102,8 +102,10 @@ def test_start_failure_is_reported_with_log(tmp_path):
     bad = tmp_path / "not-a-model"
     bad.mkdir()
     (bad / "config.json").write_text("{}")
-    with pytest.raises(ServerError, match="exited with code"):
+    # A model vLLM refuses: its root cause in one line, and not a transient ServerError (no retry).
+    with pytest.raises(ServerRefused, match=r"vLLM did not start on .*not-a-model: .*model_type.*\(log .*v\.log\)"):
         VLLMServer(ServerSpec(model_dir=bad, python=VLLM_PYTHON, startup_timeout_s=300), tmp_path / "v.log").start()
+    assert not issubclass(ServerRefused, ServerError)
 
 
 def test_missing_python_is_a_clear_error(tiny_model_dir, tmp_path):
