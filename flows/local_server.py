@@ -27,6 +27,22 @@ from compress.serving.vllm_server import free_port
 NICE = 10
 
 
+def _child_setup() -> None:
+    """In the server's process before it starts: lower priority, and die with the CLI process.
+
+    The server has its own session (a Ctrl-C in the terminal goes to the CLI, which stops it), so a
+    CLI killed outright (SIGTERM or SIGKILL, when ``atexit`` never runs) would leave it running:
+    Linux's parent-death signal ends it then.
+    """
+    os.nice(NICE)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1  # the name in <sys/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class LocalPrefectServer:
     """Start with ``start()`` (returns at once), ``wait_ready()`` before the first flow, ``stop()`` at exit."""
 
@@ -54,7 +70,7 @@ class LocalPrefectServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=lambda: os.nice(NICE), start_new_session=True,
+                preexec_fn=_child_setup, start_new_session=True,
             )  # fmt: skip
         atexit.register(self.stop)
         self.url = f"http://127.0.0.1:{port}/api"
