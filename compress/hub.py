@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from compress.config import ConfigError, TeacherConfig
+from compress.config import ConfigError, TeacherConfig, first_line
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -179,8 +179,7 @@ def check_tokenizer_files(model_dir: Path, field: str) -> None:
 
         load_tokenizer(model_dir)
     except Exception as e:  # the library's own error, in one line, for a file we did not write
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{field}: cannot load the tokenizer from '{model_dir}': {first}") from None
+        raise ConfigError(f"{field}: cannot load the tokenizer from '{model_dir}': {first_line(e)}") from None
 
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")

@@ -236,10 +236,10 @@ def installed_task_names() -> frozenset[str]:
     """lm-eval's own task, group and tag names, indexed once per lm-eval version and kept in
     ``$DISTILLFLOW_CACHE_DIR`` (default ``~/.cache/distillflow``)."""
     import json
-    import os
     from importlib.metadata import version
 
     from compress.gguf import cache_root
+    from compress.lineage import write_json
 
     path = cache_root() / f"lm-eval-{version('lm_eval')}-task-names.json"
     try:
@@ -249,10 +249,7 @@ def installed_task_names() -> frozenset[str]:
     from lm_eval.tasks import TaskManager
 
     names = sorted(TaskManager(include_defaults=True).all_tasks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(names))
-    tmp.replace(path)  # atomic: a concurrent run reads the old file or the whole new one
+    write_json(path, names)  # atomic: a concurrent run reads the old file or the whole new one
     return frozenset(names)
 
 

@@ -35,7 +35,14 @@ from typing import Any
 
 from compress import config
 from compress.jobs import Job
-from compress.lineage import hash_cache_file, list_files_cached, read_json, record_stage, sha256_path_cached
+from compress.lineage import (
+    files_digest,
+    hash_cache_file,
+    list_files_cached,
+    read_json,
+    record_stage,
+    sha256_path_cached,
+)
 from stages.memory import PeakRSS, maxrss_mb
 
 
@@ -138,9 +145,8 @@ class StageRunner:
     def _hash(self, path: Path) -> str:
         return sha256_path_cached(path, self.hash_cache)
 
-    def _files(self, path: Path) -> list[dict[str, Any]]:
-        """The output's files with paths relative to the run directory (what ``distillflow verify`` checks)."""
-        listed = list_files_cached(path, self.hash_cache)
+    def _relative(self, path: Path, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """An output's file list with paths relative to the run directory (what ``distillflow verify`` checks)."""
         base = path if path.is_dir() else path.parent
         # relpath, not relative_to: an output outside the run directory is listed as ../... (still checkable).
         prefix = Path(os.path.relpath(base.resolve(), self.run_dir.resolve())).as_posix()
@@ -159,8 +165,10 @@ class StageRunner:
             state = task(stage.job, replay=hit["result"] if hit else None, return_state=True)
         result = state.result()
         seconds = round(time.time() - t0, 2)
-        hashes = {name: self._hash(p) for name, p in stage.outputs.items()}
-        files = {name: self._files(p) for name, p in stage.outputs.items()}
+        # One listing per output (read from the stat-keyed cache or hashed once): its digest and its files.
+        listed = {name: list_files_cached(p, self.hash_cache) for name, p in stage.outputs.items()}
+        hashes = {name: files_digest(files) for name, files in listed.items()}
+        files = {name: self._relative(stage.outputs[name], f) for name, f in listed.items()}
         cached = hit is not None
         ran = hit.get("ran_seconds", hit.get("seconds")) if hit else seconds
         # Like ran_seconds: a cache hit keeps the peak of the run that made its outputs.

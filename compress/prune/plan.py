@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import PruneConfig
-from compress.hub import read_model_config, safetensors_shapes
+from compress.hub import checkpoint_layout, read_model_config
 from compress.prune.families import family_of
 from compress.prune.params import ConfigView, counter_for
 from compress.prune.shape import choose_shape, shape_of
@@ -22,10 +22,11 @@ def plan_shape(teacher_dir: Path, prune: PruneConfig, trust_remote_code: bool = 
     Raises ``UnsupportedArchitecture`` for a model type the pruner has no adapter for and
     ``ValueError`` (naming the ``prune.*`` field) for sizes that cannot be built.
     """
-    config = ConfigView(read_model_config(teacher_dir))
+    raw = read_model_config(teacher_dir)
+    config = ConfigView(raw)
     family = family_of(config)
-    shapes = safetensors_shapes(teacher_dir)
-    on_disk = sum(_numel(s) for s in shapes.values()) if shapes else None
+    layout = checkpoint_layout(Path(teacher_dir), raw)
+    on_disk = layout["params"] if layout["exact"] else None  # the safetensors headers' sum
     count = counter_for(config, family, on_disk, Path(teacher_dir), trust_remote_code)
     shape, params, teacher_params = choose_shape(config, prune, family, count)
     return {
@@ -36,10 +37,3 @@ def plan_shape(teacher_dir: Path, prune: PruneConfig, trust_remote_code: bool = 
         "params_after": params,
         "ratio": params / teacher_params,
     }
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
